@@ -1,0 +1,112 @@
+"""Generation with a soft prompt: batched greedy or sampled decoding over a KV cache, optionally
+streamed. Prefill runs the prompt's own ``model_inputs``; each later step feeds one token per row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from softprompt.base import BaseModel
+from softprompt.encoding import PromptFormat, collate
+from softprompt.examples import Example
+from softprompt.prompts import SoftPrompt
+from softprompt.prompts.base import base_model_inputs
+from softprompt.scoring import autocast
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from ``[batch, vocab]`` logits."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / params.temperature, -1)
+    if params.top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: SamplingParams, eos_ids: list[int],
+                 on_token: Callable[[int, int], None] | None = None, bf16: bool = False) -> list[list[int]]:
+    """New token ids per row for a left-padded batch (``input_ids`` may hold slot markers)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    if prompt is None:
+        inputs = base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    else:
+        inputs = prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    mask, pos = inputs["attention_mask"], inputs["position_ids"]
+    n = batch["input_ids"].shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_ids or [-1], device=device)
+    with autocast(device, bf16):
+        res = model(**inputs, use_cache=True)
+    for _ in range(params.max_new_tokens):
+        nxt = sample_next(res.logits[:, -1], params, gen)
+        for i in (~done).nonzero().flatten().tolist():
+            tok = int(nxt[i])
+            if tok in eos_ids:
+                continue
+            out[i].append(tok)
+            if on_token:
+                on_token(i, tok)
+        done |= torch.isin(nxt, eos)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
+        pos = pos[:, -1:] + 1
+        with autocast(device, bf16):
+            res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
+                        past_key_values=res.past_key_values, use_cache=True)
+    return out
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inputs: list[str | Example],
+             params: SamplingParams | None = None, batch_size: int = 8, bf16: bool = False,
+             stream: Callable[[int, str], None] | None = None, field: str | None = None) -> list[str]:
+    """Complete each input (a text for the template's first field, or an Example) and return the
+    decoded continuations. ``stream(i, piece)`` receives text as it is produced."""
+    params = params or SamplingParams()
+    field = field or (fmt.template.fields[0] if fmt.template.fields else "input")
+    examples = [x if isinstance(x, Example) else Example({field: x}) for x in inputs]
+    tok = base.tokenizer
+    results: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        enc = [fmt.encode(e, with_target=False) for e in chunk]
+        batch = {k: v.to(base.device) for k, v in collate(enc, tok.pad_token_id, left=True).items()}
+        emitted = [""] * len(chunk)
+        ids_so_far: list[list[int]] = [[] for _ in chunk]
+
+        def on_token(i: int, t: int) -> None:
+            ids_so_far[i].append(t)
+            text = _cut_at_stop(tok.decode(ids_so_far[i], skip_special_tokens=True), params.stop)
+            if stream and len(text) > len(emitted[i]) and not text.endswith("\ufffd"):
+                stream(start + i, text[len(emitted[i]):])
+                emitted[i] = text
+
+        ids = generate_ids(base.model, prompt, batch, params, base.eos_ids(), on_token, bf16=bf16)
+        for i, row in enumerate(ids):
+            text = _cut_at_stop(tok.decode(row, skip_special_tokens=True), params.stop)
+            if stream and len(text) > len(emitted[i]):
+                stream(start + i, text[len(emitted[i]):])
+            results.append(text)
+    return results

@@ -1,0 +1,79 @@
+"""The one interface every kind of soft prompt implements.
+
+Token sequences carry *slot markers*: a negative id ``-(k + 1)`` stands for row ``k`` of the prompt's
+virtual-token table. Input-level kinds (prompt tuning, P-tuning, hybrid templates) scatter their
+vectors into those positions of ``inputs_embeds``; padding therefore never sits between soft tokens
+and text. Kinds that act elsewhere (prefix tuning) override :meth:`model_inputs`.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+def marker(row: int) -> int:
+    return -(row + 1)
+
+
+class SoftPrompt(nn.Module):
+    """Base class. Subclasses define ``kind``, hold their trainable parameters, and implement
+    :meth:`vectors` (input-level kinds) or override :meth:`model_inputs`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, n_virtual: int, hidden_size: int):
+        super().__init__()
+        self.n_virtual = n_virtual
+        self.hidden_size = hidden_size
+
+    # -- input-level vectors ----------------------------------------------------------------------
+    def vectors(self) -> torch.Tensor:
+        """The virtual-token table, shape ``[n_virtual, hidden]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no input-level vectors")
+
+    def embed(self, embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embed ``input_ids`` whose negative entries are slot markers."""
+        soft = input_ids < 0
+        embeds = embedding(input_ids.clamp(min=0))
+        if soft.any():
+            table = self.vectors().to(embeds.dtype)
+            embeds = embeds.masked_scatter(soft.unsqueeze(-1), table[(-input_ids[soft] - 1)])
+        return embeds
+
+    def model_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments for the base model's forward (prefill) on a batch."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {
+            "inputs_embeds": self.embed(model.get_input_embeddings(), input_ids),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+
+    @classmethod
+    def create(cls, n_virtual: int, base, init: torch.Tensor, options: dict | None = None) -> "SoftPrompt":
+        """A new prompt for ``base`` with an initial virtual-token table ``init`` ([n, hidden])."""
+        return cls(n_virtual, base.hidden_size, init=init, **(options or {}))
+
+    # -- persistence -------------------------------------------------------------------------------
+    def config(self) -> dict:
+        """JSON-serializable constructor arguments (besides hidden_size)."""
+        return {"n_virtual": self.n_virtual}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved in prompt.safetensors: the inference form plus what training needs to resume."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        self.load_state_dict({k: tensors[k] for k in own}, strict=True)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def base_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Inputs for the bare base model (no prompt); ids must hold no slot markers."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -1,0 +1,79 @@
+"""Scoring examples with a (soft-prompted) frozen model: target loss, and classification by ranking
+the label words' log-probabilities (one forward per example and label, batched; no sampling)."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from softprompt.encoding import PromptFormat, collate
+from softprompt.examples import Example
+from softprompt.objectives import lm_loss, sequence_logprobs
+from softprompt.prompts import SoftPrompt
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def mean_loss(model, prompt: SoftPrompt | None, fmt: PromptFormat, examples: list[Example], batch_size: int = 16,
+              bf16: bool = False) -> float:
+    """Mean per-token cross-entropy of the targets."""
+    device = next(model.parameters()).device
+    encoded = [fmt.encode(e) for e in examples]
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], fmt.tok.pad_token_id).items()}
+        with autocast(device, bf16):
+            loss = lm_loss(model, prompt, batch, reduction="sum")
+        total += float(loss)
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def label_logprobs(model, prompt: SoftPrompt | None, fmt: PromptFormat, examples: list[Example], labels: list[str],
+                   batch_size: int = 16, bf16: bool = False, normalize: bool = False) -> torch.Tensor:
+    """[n_examples, n_labels] total log-probability of each label word as the target (mean per token
+    when ``normalize``)."""
+    device = next(model.parameters()).device
+    items, lengths = [], []
+    for e in examples:
+        for lab in labels:
+            enc = fmt.encode(e, target=lab)
+            items.append(enc)
+            lengths.append(sum(1 for x in enc.labels if x != -100))
+    scores = []
+    for i in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], fmt.tok.pad_token_id).items()}
+        with autocast(device, bf16):
+            scores.append(sequence_logprobs(model, prompt, batch).float().cpu())
+    out = torch.cat(scores).view(len(examples), len(labels))
+    if normalize:
+        out = out / torch.tensor(lengths, dtype=torch.float).view(len(examples), len(labels))
+    return out
+
+
+def classify(model, prompt, fmt, examples, labels, **kw) -> list[str]:
+    scores = label_logprobs(model, prompt, fmt, examples, labels, **kw)
+    return [labels[i] for i in scores.argmax(-1).tolist()]
+
+
+def accuracy(model, prompt, fmt, examples, labels, **kw) -> float:
+    preds = classify(model, prompt, fmt, examples, labels, **kw)
+    gold = [e.target for e in examples]
+    return sum(p.strip() == (g or "").strip() for p, g in zip(preds, gold)) / max(len(gold), 1)
+
+
+def label_set(examples: list[Example], max_labels: int = 20) -> list[str] | None:
+    """The distinct targets when the data looks like classification (few distinct short targets)."""
+    targets = sorted({(e.target or "").strip() for e in examples})
+    if 1 < len(targets) <= max_labels and len(targets) * 3 <= len(examples) and all(len(t.split()) <= 3 for t in targets):
+        return targets
+    return None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

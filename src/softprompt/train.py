@@ -1,0 +1,323 @@
+"""The training loop: a frozen base model, a soft prompt, the log-likelihood of the targets.
+
+One readable loop. Checkpoints hold the prompt, the optimizer and scheduler state and the step; the
+batch order is fixed in advance from the seed, so ``resume`` after a kill ends with exactly the
+prompt an uninterrupted run produces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from softprompt import __version__
+from softprompt.artifact import build_meta, save_artifact
+from softprompt.base import BaseModel, load_base
+from softprompt.batching import batch_plan
+from softprompt.encoding import PromptFormat, check_template, collate
+from softprompt.errors import SoftPromptError
+from softprompt.examples import Example
+from softprompt.init import init_table, parse_init
+from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
+from softprompt.objectives import lm_loss
+from softprompt.prompts import SoftPrompt, kind_class
+from softprompt.scoring import accuracy, autocast, label_set, mean_loss
+from softprompt.template import parse_template
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2"
+    kind: str = "prompt-tuning"
+    template: str | None = None  # template syntax; default "[soft:N] {input_field}"
+    tokens: int = 8
+    init: str = "vocab"
+    input_field: str = "input"
+    target_field: str = "target"
+    chat: bool = True
+    system: str | None = None
+    kind_options: dict = field(default_factory=dict)
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 0.03
+    weight_decay: float = 0.0
+    warmup: float = 0.06  # fraction of steps (or a step count when >= 1)
+    schedule: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0: evaluate only at the end
+    patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    save_every: int = 0  # checkpoint every N steps; 0: only at evaluations and the end
+    seed: int = 0
+    bf16: bool = False
+    bucket: bool = True
+    target_only_head: bool = True
+    device: str | None = None
+
+    def template_source(self) -> str:
+        return self.template if self.template else f"[soft:{self.tokens}] {{{self.input_field}}}"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps_done: int
+    final_loss: float
+    best: dict | None
+    metrics: dict
+    stopped_early: bool = False
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.steps))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def create_prompt(cfg: TrainConfig, base: BaseModel, template, label_words: list[str] | None) -> SoftPrompt:
+    cls = kind_class(cfg.kind)
+    table = init_table(template, parse_init(cfg.init), base.embedding.weight, base.tokenizer, cfg.seed, label_words)
+    return cls.create(template.n_virtual, base, table, cfg.kind_options)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in info["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+class Trainer:
+    """Trains one prompt. ``run()`` does the whole job; the pieces are methods so that recipes
+    (compression, other objectives) can reuse them."""
+
+    def __init__(self, cfg: TrainConfig, train: list[Example], dev: list[Example] | None = None,
+                 out: str | Path = "prompt", base: BaseModel | None = None, progress: bool = True,
+                 loss_fn: Callable | None = None):
+        if not train:
+            raise SoftPromptError("empty training set")
+        self.cfg, self.train_set, self.dev_set, self.out = cfg, train, dev or [], Path(out)
+        self.progress = progress
+        self.base = base or load_base(cfg.model, device=cfg.device)
+        self.device = self.base.device
+        self.template = parse_template(cfg.template_source())
+        check_template(self.template, needs_soft=cfg.kind != "prefix")
+        self.fmt = PromptFormat(self.base.tokenizer, self.template, chat=cfg.chat, system=cfg.system,
+                                max_length=self.base.max_positions)
+        self.encoded = [self.fmt.encode(e) for e in train]
+        self.dev_encoded = [self.fmt.encode(e) for e in self.dev_set]
+        self.labels = label_set(train)
+        torch.manual_seed(cfg.seed)
+        self.prompt = create_prompt(cfg, self.base, self.template, self.labels).to(self.device)
+        self.prompt.train()
+        params = [p for p in self.prompt.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.plan = batch_plan([len(e.ids) for e in self.encoded], cfg.batch_size, cfg.steps * cfg.grad_accum,
+                               cfg.seed, bucket=cfg.bucket)
+        self.loss_fn = loss_fn or (lambda batch: lm_loss(self.base.model, self.prompt, batch, cfg.target_only_head, "sum"))
+        self.step = 0
+        self.best: dict | None = None
+        self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+        self.history: list[dict] = []
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        micro = [self.plan[self.step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
+        n_tok = sum(sum(1 for x in self.encoded[j].labels[1:] if x != -100) for m in micro for j in m)
+        total, tokens = 0.0, 0
+        for idx in micro:
+            batch = {k: v.to(self.device) for k, v in collate([self.encoded[j] for j in idx], self.base.tokenizer.pad_token_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            with autocast(self.device, cfg.bf16):
+                loss = self.loss_fn(batch) / max(n_tok, 1)
+            if not torch.isfinite(loss):
+                raise SoftPromptError(f"non-finite loss ({float(loss)}) at step {self.step + 1}: lower --lr, or check the data")
+            loss.backward()
+            total += float(loss.detach())
+        norm = torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": total, "lr": self.sched.get_last_lr()[0], "tokens": tokens,
+                "grad_norm": float(norm) if norm is not None else None, "time_s": time.perf_counter() - t0}
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        self.prompt.eval()
+        out = {"step": self.step, "dev_loss": mean_loss(self.base.model, self.prompt, self.fmt, self.dev_set, bf16=self.cfg.bf16)}
+        if self.labels:
+            out["dev_accuracy"] = accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.cfg.bf16)
+        self.prompt.train()
+        return out
+
+    def _improved(self, ev: dict) -> bool:
+        if self.best is None:
+            return True
+        if "dev_accuracy" in ev and ev["dev_accuracy"] != self.best.get("dev_accuracy"):
+            return ev["dev_accuracy"] > self.best["dev_accuracy"]
+        return ev["dev_loss"] < self.best["dev_loss"]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tensors = {f"prompt.{k}": v for k, v in self.prompt.state_dict().items()}
+        opt_t, opt_info = _optimizer_tensors(self.opt)
+        tensors.update(opt_t)
+        if self.best_tensors is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best_tensors.items()})
+        state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_info, "best": self.best,
+                 "bad_evals": self.bad_evals, "config": asdict(self.cfg), "version": __version__}
+
+        def build(tmp: Path) -> None:
+            atomic_save_tensors(tmp / "state.safetensors", tensors)
+            atomic_write_json(tmp / "state.json", state)
+
+        atomic_replace_dir(build, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        from safetensors.torch import load_file
+
+        ck = self.out / CHECKPOINT
+        if not (ck / "state.json").exists():
+            return False
+        state = json.loads((ck / "state.json").read_text())
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "eval_every", "save_every", "patience", "device")}
+        now = {k: v for k, v in asdict(self.cfg).items() if k in saved}
+        diff = [k for k in saved if saved[k] != now.get(k)]
+        if diff:
+            raise SoftPromptError(f"{ck}: cannot resume, the run's settings differ in {', '.join(diff)}")
+        tensors = load_file(str(ck / "state.safetensors"))
+        self.prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
+        _load_optimizer(self.opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.best_tensors = best or None
+        return True
+
+    # -- the whole job -----------------------------------------------------------------------------
+    def run(self, resume: bool = False, stop_at: int | None = None) -> TrainResult | None:
+        """Train to ``cfg.steps`` and save the artifact. ``stop_at`` halts abruptly after that step
+        without saving anything more (as a kill would), for tests of resuming."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        resumed = resume and self.load_checkpoint()
+        if resumed:  # drop log lines written after the checkpoint
+            lines = log_path.read_text().splitlines() if log_path.exists() else []
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            log_path.write_text("".join(ln + "\n" for ln in keep))
+        else:
+            log_path.write_text("")
+        self.history = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
+        stopped, last = False, {"loss": float("nan")}
+        with open(log_path, "a") as log:
+            while self.step < cfg.steps and not stopped:
+                last = self.train_step()
+                if stop_at is not None and self.step > stop_at:
+                    return None
+                rec = {"type": "train", **last}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                self.history.append(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2g}")
+                at_eval = self.dev_set and cfg.eval_every and self.step % cfg.eval_every == 0
+                if at_eval:
+                    stopped = self._eval_and_keep(log, bar)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or at_eval:
+                    self.save_checkpoint()
+        bar.close()
+        if self.dev_set and (not self.history or self.history[-1].get("type") != "eval"):
+            with open(log_path, "a") as log:
+                self._eval_and_keep(log, None)
+        self.save_checkpoint()
+        return self._finish(last, stopped)
+
+    def _eval_and_keep(self, log, bar) -> bool:
+        ev = self.evaluate()
+        rec = {"type": "eval", **ev}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        self.history.append(rec)
+        if bar is not None:
+            bar.write("step {step}: dev_loss {dev_loss:.4f}".format(**ev) + (f" dev_accuracy {ev['dev_accuracy']:.3f}" if "dev_accuracy" in ev else ""))
+        if self._improved(ev):
+            self.best = ev
+            self.best_tensors = {k: v.detach().clone().cpu() for k, v in self.prompt.state_dict().items()}
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
+    def _finish(self, last: dict, stopped: bool) -> TrainResult:
+        if self.best_tensors is not None:
+            self.prompt.load_state_dict({k: v.to(self.device) for k, v in self.best_tensors.items()})
+        train_losses = [h["loss"] for h in self.history if h.get("type") == "train"]
+        metrics = {"steps": self.step, "final_train_loss": train_losses[-1] if train_losses else None,
+                   "first_train_loss": train_losses[0] if train_losses else None, "stopped_early": stopped}
+        if self.best:
+            metrics["best"] = self.best
+        meta = build_meta(self.prompt, self.template_source, self.base, init=self.cfg.init,
+                          format=self.fmt.describe(), labels=self.labels, train_config=asdict(self.cfg),
+                          metrics=metrics, data={"train": self.train_set[0].source, "n_train": len(self.train_set),
+                                                 "dev": self.dev_set[0].source if self.dev_set else None,
+                                                 "n_dev": len(self.dev_set)})
+        save_artifact(self.out, self.prompt, meta)
+        try:
+            from softprompt.plots import plot_loss
+
+            plot_loss(self.history, self.out / "loss.png")
+        except ImportError:  # matplotlib is optional at run time
+            pass
+        return TrainResult(self.out, self.step, train_losses[-1] if train_losses else float("nan"), self.best, metrics, stopped)
+
+    @property
+    def template_source(self) -> str:
+        return self.cfg.template_source()
+
+
+def train(cfg: TrainConfig, train: list[Example], dev: list[Example] | None = None, out: str | Path = "prompt",
+          resume: bool = False, base: BaseModel | None = None, progress: bool = True) -> TrainResult:
+    """Train a soft prompt and save it as an artifact directory ``out``."""
+    return Trainer(cfg, train, dev, out, base=base, progress=progress).run(resume=resume)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models made from a config (fast), and the real embedded SmolLM2
+(for tests marked slow). Everything runs offline."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2 converted to a safetensors directory (cached across runs)."""
+    from softprompt.base import ensure_embedded
+
+    return ensure_embedded("smollm2")
+
+
+def make_tiny_model(directory: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, kv_heads: int = 2, init_range: float = 0.2) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256, initializer_range=init_range,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer llama with grouped-query attention (4 query heads, 2 key/value heads) and the real
+    SmolLM2 tokenizer and chat template."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny2") / "other-llama", smollm2_dir, seed=1)
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    from softprompt.base import load_base
+
+    return load_base(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from softprompt.base import load_base
+
+    return load_base("smollm2", device="cpu")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SENTIMENT = [
+    ("I loved every minute of it", "positive"), ("What a wonderful day", "positive"),
+    ("This is great news", "positive"), ("The food was delicious", "positive"),
+    ("Absolutely fantastic work", "positive"), ("I am so happy with this", "positive"),
+    ("That was terrible", "negative"), ("I hated the ending", "negative"),
+    ("The service was awful", "negative"), ("What a waste of time", "negative"),
+    ("This is the worst", "negative"), ("I am very disappointed", "negative"),
+]
+
+
+@pytest.fixture()
+def sentiment_files(tmp_path):
+    rows = [{"input": t, "target": y} for t, y in SENTIMENT]
+    return write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows[::3])
