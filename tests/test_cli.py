@@ -68,3 +68,19 @@ def test_other_bad_inputs(tiny_dir, sentiment_files, tmp_path, capsys):
         assert rc == 2, argv
         assert expect in err, (argv, err)
         assert "Traceback" not in err
+
+
+def test_train_from_task_recipe(tiny_dir, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "sst2-sentences").exists():
+        pytest.skip(f"public datasets not found at {SHARED_DATA}")
+    out = tmp_path / "sst2"
+    rc = main(["train", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--model", str(tiny_dir), "--limit", "16",
+               "--tokens", "3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "prompt.json").read_text())
+    assert meta["n_virtual"] == 3 and "{sentence}" in meta["template"]
+    assert sorted(meta["labels"]) == ["negative", "positive"]
+    assert main(["train", "--task", "sst2", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--data-dir" in capsys.readouterr().err

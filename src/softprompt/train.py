@@ -167,8 +167,8 @@ class Trainer:
             tokens += int(batch["attention_mask"].sum())
             with autocast(self.device, cfg.bf16):
                 loss = self.loss_fn(batch) / max(n_tok, 1)
-            if not torch.isfinite(loss):
-                raise SoftPromptError(f"non-finite loss ({float(loss)}) at step {self.step + 1}: lower --lr, or check the data")
+            if not torch.isfinite(loss.detach()):
+                raise SoftPromptError(f"non-finite loss ({loss.item()}) at step {self.step + 1}: lower --lr, or check the data")
             loss.backward()
             total += float(loss.detach())
         norm = torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None

@@ -22,7 +22,7 @@ def register(sub) -> None:
     d.add_argument("--limit", type=int, default=None, help="use at most N training examples")
     k = p.add_argument_group("prompt")
     k.add_argument("--kind", default="prompt-tuning", help="prompt-tuning | prefix | p-tuning")
-    k.add_argument("--tokens", type=int, default=8, help="virtual tokens for the default template (default: 8)")
+    k.add_argument("--tokens", type=int, default=None, help="virtual tokens for the default template (default: 8, or the recipe's)")
     k.add_argument("--template", help="hybrid template, e.g. '[soft:8] Review: {input} Sentiment:[soft:2]'")
     k.add_argument("--init", default="vocab", help="random | vocab | text:TEXT | labels[:w1,w2] (default: vocab)")
     k.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap inputs in the chat template")
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and not args.overwrite and ((out / "prompt.json").exists() or (out / "checkpoint").exists()):
         raise SoftPromptError(f"{out} already holds a prompt or checkpoint: pass --resume to continue it or --overwrite to replace it")
     template = args.template
+    tokens = args.tokens if args.tokens is not None else 8
     if args.task:
         from softprompt.tasks import load_recipe, load_split
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         train = load_split(recipe, args.data_dir, "train", limit=args.limit, seed=args.seed)
         dev = load_split(recipe, args.data_dir, "dev", limit=200, seed=args.seed) if "dev" in recipe.splits else None
         template = template or recipe.soft_template_for(args.tokens)
+        tokens = args.tokens if args.tokens is not None else recipe.soft_tokens
         chat = recipe.chat and args.chat
     else:
         if not args.data:
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         train = read_examples(args.data, fields, args.target_field)[: args.limit]
         dev = read_examples(args.dev, fields, args.target_field) if args.dev else None
         chat = args.chat
-    cfg = TrainConfig(model=args.model, kind=args.kind, template=template, tokens=args.tokens, init=args.init,
+    cfg = TrainConfig(model=args.model, kind=args.kind, template=template, tokens=tokens, init=args.init,
                       input_field=args.input_field, target_field=args.target_field, chat=chat, system=args.system,
                       kind_options=_options(args.option), steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
