@@ -51,6 +51,12 @@ class SoftPrompt(nn.Module):
             "position_ids": position_ids,
         }
 
+    def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer ``(key, value)``, each ``[n_kv_heads, n_prefix, head_dim]``, that this prompt places
+        before every sequence without occupying input positions (prefix tuning). ``None`` for
+        input-level kinds: their keys/values come from running their vectors through the model."""
+        return None
+
     @classmethod
     def create(cls, n_virtual: int, base, init: torch.Tensor, options: dict | None = None) -> "SoftPrompt":
         """A new prompt for ``base`` with an initial virtual-token table ``init`` ([n, hidden])."""
