@@ -127,4 +127,5 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
     if device is not None:
         prompt = prompt.to(device)
     prompt.requires_grad_(False)
+    prompt.eval()
     return PromptArtifact(prompt, template, meta, path, {"tensors": tensors})

@@ -27,7 +27,7 @@ from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_
 from softprompt.objectives import lm_loss
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.scoring import accuracy, autocast, label_set, mean_loss
-from softprompt.template import parse_template
+from softprompt.template import Template, parse_template
 
 CHECKPOINT = "checkpoint"
 
@@ -62,7 +62,20 @@ class TrainConfig:
     device: str | None = None
 
     def template_source(self) -> str:
+        if self.kind == "prefix":  # the prefix sits before everything, in keys and values
+            return without_soft(self.template) if self.template else f"{{{self.input_field}}}"
         return self.template if self.template else f"[soft:{self.tokens}] {{{self.input_field}}}"
+
+    def n_virtual(self, template) -> int:
+        return self.tokens if self.kind == "prefix" else template.n_virtual
+
+
+def without_soft(source: str) -> str:
+    """The template with its soft spans removed (for kinds that add no input positions)."""
+    from softprompt.template import Soft, Template
+
+    t = parse_template(source)
+    return Template(tuple(s for s in t.segments if not isinstance(s, Soft))).to_string()
 
 
 @dataclass
@@ -93,8 +106,12 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def create_prompt(cfg: TrainConfig, base: BaseModel, template, label_words: list[str] | None) -> SoftPrompt:
     cls = kind_class(cfg.kind)
-    table = init_table(template, parse_init(cfg.init), base.embedding.weight, base.tokenizer, cfg.seed, label_words)
-    return cls.create(template.n_virtual, base, table, cfg.kind_options)
+    n = cfg.n_virtual(template)
+    if n < 1:
+        raise SoftPromptError(f"a {cfg.kind} prompt needs at least one virtual token (got {n})")
+    table_template = Template.default(n) if cfg.kind == "prefix" else template
+    table = init_table(table_template, parse_init(cfg.init), base.embedding.weight, base.tokenizer, cfg.seed, label_words)
+    return cls.create(n, base, table, cfg.kind_options)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise SoftPromptError(f"{out} already holds a prompt or checkpoint: pass --resume to continue it or --overwrite to replace it")
     template = args.template
     tokens = args.tokens if args.tokens is not None else 8
+    if args.kind == "prefix" and template and parse_template(template).n_virtual:
+        raise SoftPromptError("--kind prefix puts its virtual tokens in every layer's keys and values: give a "
+                              "template without [soft] spans and the prefix length with --tokens N")
     if args.task:
         from softprompt.tasks import load_recipe, load_split
 

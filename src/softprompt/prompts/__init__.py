@@ -1,4 +1,4 @@
-"""Kinds of soft prompt, by name. Each kind lives in its own module."""
+"""Kinds of soft prompt, by name. Each kind lives in its own module and registers itself."""
 from __future__ import annotations
 
 from softprompt.errors import SoftPromptError
@@ -14,21 +14,12 @@ def register(cls: type[SoftPrompt]) -> type[SoftPrompt]:
 
 
 def kind_class(kind: str) -> type[SoftPrompt]:
-    _load_optional_kinds()
     if kind not in KINDS:
         raise SoftPromptError(f"unknown prompt kind {kind!r} (known: {', '.join(sorted(KINDS))})")
     return KINDS[kind]
 
 
-def _load_optional_kinds() -> None:
-    import importlib
+from softprompt.prompts.p_tuning import PTuning  # noqa: E402  (registers itself)
+from softprompt.prompts.prefix import PrefixTuning  # noqa: E402
 
-    for mod in ("softprompt.prompts.prefix", "softprompt.prompts.p_tuning"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-__all__ = ["SoftPrompt", "PromptTuning", "KINDS", "register", "kind_class", "marker"]
+__all__ = ["SoftPrompt", "PromptTuning", "PTuning", "PrefixTuning", "KINDS", "register", "kind_class", "marker"]

@@ -22,6 +22,7 @@ class SoftPrompt(nn.Module):
     :meth:`vectors` (input-level kinds) or override :meth:`model_inputs`."""
 
     kind: ClassVar[str] = ""
+    input_level: ClassVar[bool] = True  # vectors enter as input embeddings at slot markers
 
     def __init__(self, n_virtual: int, hidden_size: int):
         super().__init__()
