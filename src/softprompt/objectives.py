@@ -1,6 +1,13 @@
-"""Training objectives over a frozen model with a soft prompt. The log-likelihood loss runs the LM
-head only at positions that have targets: the head over a large vocabulary is a big share of the
-cost, and most positions (the prompt) have no target."""
+"""Training objectives over a frozen model with a soft prompt, and the two exact shortcuts that make
+them cheap:
+
+* the LM head runs only at positions that have targets (the head over a large vocabulary is a big
+  share of the cost, and most positions, the prompt, have no target);
+* a *shared prefix* (the leading tokens every row of the batch has in common: the chat header, the
+  soft tokens, the template's text before the first field) runs once, as one row, and its keys and
+  values are broadcast to every row for the rest of the sequence. Attention is causal, so these
+  positions do not depend on the row; gradients from all rows sum back into the one copy.
+"""
 from __future__ import annotations
 
 import torch
@@ -29,33 +36,88 @@ def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> di
     return prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"])
 
 
-def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
-            reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the target tokens (labels != IGNORE), next-token shifted."""
+def shared_prefix_len(batch: dict) -> int:
+    """Leading positions identical in every row (ids and mask) and before every row's first target,
+    leaving at least one position to run per row."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    same = ((ids == ids[:1]) & (mask == 1)).all(0).long()
+    m = int(same.cumprod(0).sum())
+    has_target = (labels != IGNORE).any(0).long()
+    first_target = int(has_target.argmax()) if bool(has_target.any()) else ids.shape[1]
+    return max(0, min(m, first_target - 1, ids.shape[1] - 1))
+
+
+def _rows(cache, start: int, stop: int):
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[start:stop], layer.values[start:stop], i)
+    return out
+
+
+def _broadcast(cache, rows: int):
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        out.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), i)
+    return out
+
+
+def _with_shared_prefix(net: nn.Module, inputs: dict, m: int):
+    """Run ``net`` on positions ``m:`` of every row after running the shared positions ``:m`` once.
+    Returns the output whose sequence covers positions ``m:``."""
+    b = inputs["attention_mask"].shape[0]
+    seq = "inputs_embeds" if "inputs_embeds" in inputs else "input_ids"
+    width = inputs[seq].shape[1]
+    n_extra = inputs["attention_mask"].shape[1] - width  # positions a kind placed in the cache (prefix)
+    head = {seq: inputs[seq][:1, :m], "attention_mask": inputs["attention_mask"][:1, :n_extra + m],
+            "position_ids": inputs["position_ids"][:1, :m]}
+    if inputs.get("past_key_values") is not None:
+        head["past_key_values"] = _rows(inputs["past_key_values"], 0, 1)
+    cache = net(**head, use_cache=True).past_key_values
+    tail = {seq: inputs[seq][:, m:], "attention_mask": inputs["attention_mask"],
+            "position_ids": inputs["position_ids"][:, m:], "past_key_values": _broadcast(cache, b)}
+    return net(**tail, use_cache=False)
+
+
+def target_logits(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
+                  share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a target token (next-token shifted), with those targets
+    and each one's row: ``([n, vocab], [n], [n])``."""
     inputs = model_inputs(model, prompt, batch)
-    labels = batch["labels"][:, 1:]
+    m = shared_prefix_len(batch) if share_prefix else 0
+    labels = batch["labels"][:, m + 1:]
     sel = labels != IGNORE
+    rows = sel.nonzero()[:, 0]
     parts = split_model(model) if target_only_head else None
     if parts is not None:
         backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        n_prefix = hidden.shape[1] - batch["labels"].shape[1]  # 0 unless a kind adds positions
-        hidden = hidden[:, n_prefix:-1]
+        out = _with_shared_prefix(backbone, inputs, m) if m else backbone(**inputs, use_cache=False)
+        hidden = out.last_hidden_state
+        hidden = hidden[:, hidden.shape[1] - labels.shape[1] - 1:-1]  # drops a kind's extra positions
         logits = head(hidden[sel])
     else:
-        logits = model(**inputs, use_cache=False).logits
-        n_prefix = logits.shape[1] - batch["labels"].shape[1]
-        logits = logits[:, n_prefix:-1][sel]
-    return F.cross_entropy(logits.float(), labels[sel], reduction=reduction)
+        out = _with_shared_prefix(model, inputs, m) if m else model(**inputs, use_cache=False)
+        logits = out.logits
+        logits = logits[:, logits.shape[1] - labels.shape[1] - 1:-1][sel]
+    return logits, labels[sel], rows
 
 
-def sequence_logprobs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> torch.Tensor:
+def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
+            reduction: str = "mean", share_prefix: bool = False) -> torch.Tensor:
+    """Cross-entropy of the target tokens (labels != IGNORE). ``share_prefix`` runs the batch's common
+    leading tokens once (exact; see the module docstring)."""
+    logits, targets, _ = target_logits(model, prompt, batch, target_only_head, share_prefix)
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+def sequence_logprobs(model: nn.Module, prompt: SoftPrompt | None, batch: dict, share_prefix: bool = True) -> torch.Tensor:
     """Sum of target-token log-probabilities per row, shape [batch]."""
-    inputs = model_inputs(model, prompt, batch)
-    logits = model(**inputs, use_cache=False).logits
-    n_prefix = logits.shape[1] - batch["labels"].shape[1]
-    logits = logits[:, n_prefix:-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
+    logits, targets, rows = target_logits(model, prompt, batch, True, share_prefix)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(batch["input_ids"].shape[0], device=lp.device).index_add_(0, rows, lp)

@@ -27,7 +27,7 @@ def mean_loss(model, prompt: SoftPrompt | None, fmt: PromptFormat, examples: lis
     for i in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], fmt.tok.pad_token_id).items()}
         with autocast(device, bf16):
-            loss = lm_loss(model, prompt, batch, reduction="sum")
+            loss = lm_loss(model, prompt, batch, reduction="sum", share_prefix=True)
         total += float(loss)
         count += int((batch["labels"][:, 1:] != -100).sum())
     return total / max(count, 1)

@@ -59,6 +59,7 @@ class TrainConfig:
     bf16: bool = False
     bucket: bool = True
     target_only_head: bool = True
+    share_prefix: bool = True  # run the batch's common leading tokens once (exact)
     device: str | None = None
 
     def template_source(self) -> str:
@@ -166,7 +167,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.plan = batch_plan([len(e.ids) for e in self.encoded], cfg.batch_size, cfg.steps * cfg.grad_accum,
                                cfg.seed, bucket=cfg.bucket)
-        self.loss_fn = loss_fn or (lambda batch: lm_loss(self.base.model, self.prompt, batch, cfg.target_only_head, "sum"))
+        self.loss_fn = loss_fn or (lambda batch: lm_loss(self.base.model, self.prompt, batch, cfg.target_only_head, "sum",
+                                                                  share_prefix=cfg.share_prefix))
         self.step = 0
         self.best: dict | None = None
         self.best_tensors: dict[str, torch.Tensor] | None = None
