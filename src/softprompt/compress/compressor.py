@@ -151,13 +151,14 @@ class Compressor:
 
     # -- the teacher -------------------------------------------------------------------------------
     def _key(self, split: str, queries: list[Query]) -> str:
+        """Hash of everything the teacher's outputs depend on: its weights, its exact input ids (context,
+        layout and queries, but not the soft prompt's length) and the decoding/distribution settings."""
         c = self.cfg
-        return cache_key(split=split, teacher=self.teacher_base.fingerprint, context=context_sha(self.context),
-                         layout=self.layout.template_source, chat=self.layout.chat,
-                         queries=[q.text for q in queries], max_new_tokens=c.max_new_tokens,
-                         sample=c.sample_temperature if split == "train" else 0.0, seed=c.seed,
-                         topk=c.topk if split == "train" else None, temperature=c.temperature if split == "train" else None,
-                         bf16=c.bf16, version=1)
+        rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
+        train = split == "train"
+        return cache_key(split=split, teacher=self.teacher_base.fingerprint, ids=hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+                         max_new_tokens=c.max_new_tokens, sample=c.sample_temperature if train else 0.0, seed=c.seed,
+                         topk=c.topk if train else None, temperature=c.temperature if train else None, bf16=c.bf16, version=1)
 
     @property
     def cache_dir(self) -> Path:
@@ -233,6 +234,23 @@ class Compressor:
         prompt.requires_grad_(False)
         self.history = history
         return history
+
+    @torch.no_grad()
+    def loss_on(self, entries: list[Entry], prompt: SoftPrompt | None = None) -> float:
+        """Mean distillation loss per token of ``prompt`` (default: the current one) over ``entries``."""
+        c, base = self.cfg, self.base
+        prompt = prompt or self.prompt
+        total, count = 0.0, 0
+        for i in range(0, len(entries), c.batch_size):
+            chunk = entries[i:i + c.batch_size]
+            batch = rows_batch([(self.renderer.student_ids(e.query), e.cont) for e in chunk], base.tokenizer.pad_token_id, base.device)
+            targets = torch.tensor([t for e in chunk for t in e.cont], device=base.device)
+            teacher = TeacherDists.cat([e.dists for e in chunk]).to(base.device) if c.objective != "loglik" else None
+            with autocast(base.device, c.bf16):
+                logits = continuation_logits(base.model, prompt, batch)
+            total += float(distill_loss(c.objective, logits, teacher, targets, c.temperature))
+            count += len(targets)
+        return total / max(count, 1)
 
     # -- the report --------------------------------------------------------------------------------
     def evaluate(self, heldout: list[Entry]) -> dict:
