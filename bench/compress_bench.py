@@ -5,9 +5,11 @@ Markdown + a plot of top-1 agreement against compression ratio under bench/resul
 
     python bench/compress_bench.py [--quick] [--steps 30] [--sizes 128,256,512,1024] [--tokens 4,8,16,32]
 
-Budget (full run): one context per size, 30 distillation steps of batch 4, 16-token teacher
+Budget (full run): one context per size, 20 distillation steps of batch 4, 12-token teacher
 continuations, bf16 autocast, teacher outputs computed once per context and shared by all soft-prompt
-sizes; a context-initialized vs randomly initialized comparison at 16 soft tokens.
+sizes; a context-initialized vs randomly initialized comparison at 16 soft tokens on squad-256 and
+the instruction set; one timing repeat on up to 4 held-out queries. On a 2-core machine shared with
+other jobs use --threads 1 (two threads contending for one free core ran 5-20x slower).
 """
 from __future__ import annotations
 
@@ -33,11 +35,14 @@ def squad_contexts(tokenizer, targets: list[int], seed: int, max_questions: int)
     order = list(range(len(doc)))
     random.Random(seed).shuffle(order)
     out = []
+    lengths: dict[int, list[int]] = {}
     for target in targets:
         found = None
         for a in order:
             paras = doc[a]["paragraphs"]
-            lens = [len(tokenizer(p["context"], add_special_tokens=False).input_ids) for p in paras]
+            if a not in lengths:
+                lengths[a] = [len(ids) for ids in tokenizer([p["context"] for p in paras], add_special_tokens=False).input_ids]
+            lens = lengths[a]
             for i in range(len(paras)):
                 total = 0
                 for j in range(i, len(paras)):
@@ -196,30 +201,36 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: one 128-token context, 4 and 16 soft tokens, 4 steps")
     ap.add_argument("--sizes", default="128,256,512,1024")
     ap.add_argument("--tokens", default="4,8,16,32")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--query-suffix", default=" Answer in a few words.", help="appended to each SQuAD question")
     ap.add_argument("--train-queries", type=int, default=12)
     ap.add_argument("--heldout-queries", type=int, default=6)
     ap.add_argument("--init-compare", type=int, default=16, help="soft size for the context-vs-random init comparison (0: skip)")
+    ap.add_argument("--init-compare-on", default="squad-256,instructions", help="contexts for the init comparison")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 avoids "
+                    "oversubscription collapse when other jobs share the cores)")
     ap.add_argument("--no-instructions", dest="instructions", action="store_false")
-    ap.add_argument("--repeats", type=int, default=2, help="timing repeats per query")
+    ap.add_argument("--repeats", type=int, default=1, help="timing repeats per query")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="compress_bench")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.tokens, args.steps, args.instructions, args.name = "128", "4,16", 4, False, args.name + "_quick"
-        args.max_new_tokens, args.train_queries, args.heldout_queries, args.init_compare, args.repeats = 6, 4, 2, 16, 1
+        args.max_new_tokens, args.train_queries, args.heldout_queries, args.init_compare = 6, 4, 2, 16
+        args.init_compare_on = "squad-128"
 
     import torch
 
     from softprompt.base import load_base
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     base = load_base("smollm2", device="cpu")
     sizes = [int(x) for x in args.sizes.split(",") if x]
@@ -234,7 +245,7 @@ def main() -> int:
         cache = Path(tmp) / "teacher_cache"
         for ctx, train, held in jobs:
             plan = [(n, "context") for n in token_sizes]
-            if args.init_compare and args.init_compare in token_sizes:
+            if args.init_compare and args.init_compare in token_sizes and ctx["name"] in args.init_compare_on.split(","):
                 plan.append((args.init_compare, "random"))
             for n, init in plan:
                 row = run_one(base, ctx, train, held, n, init, args, cache, Path(tmp) / f"{ctx['name']}-{n}-{init}")

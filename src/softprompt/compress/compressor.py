@@ -86,8 +86,11 @@ class Compressor:
 
     def __init__(self, context: str, cfg: CompressConfig, queries: list[Query] | None = None,
                  out: str | Path = "compressed", base: BaseModel | None = None, teacher_base: BaseModel | None = None,
-                 progress: bool = True, warn: Callable[[str], None] | None = None):
+                 progress: bool = True, warn: Callable[[str], None] | None = None,
+                 heldout_queries: list[Query] | None = None):
+        """``heldout_queries``, when given, are the held-out set and ``queries`` all train."""
         self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.fixed_heldout = heldout_queries
         self.warnings: list[str] = []
         self._warn_cb = warn
         if cfg.objective not in OBJECTIVES:
@@ -131,11 +134,16 @@ class Compressor:
 
     # -- queries -----------------------------------------------------------------------------------
     def split(self) -> tuple[list[Query], list[Query]]:
+        self.generated = self.queries is None
         if self.queries is None:
             self.queries = generate_queries(self.teacher_base, self.context, self.cfg.n_queries, self.cfg.seed, bf16=self.cfg.bf16)
         if not self.queries:
             raise SoftPromptError("no queries")
-        self.train_q, self.heldout_q = split_queries(self.queries, self.cfg.heldout, self.cfg.seed)
+        if self.fixed_heldout:
+            self.train_q, self.heldout_q = list(self.queries), list(self.fixed_heldout)
+            self.queries = self.train_q + self.heldout_q
+        else:
+            self.train_q, self.heldout_q = split_queries(self.queries, self.cfg.heldout, self.cfg.seed)
         self._check_window()
         return self.train_q, self.heldout_q
 
@@ -313,7 +321,7 @@ class Compressor:
         report = self.evaluate(held_entries)
         report["teacher"] = teacher_info
         report["queries"] = {"train": [q.text for q in self.train_q], "heldout": [q.text for q in self.heldout_q],
-                             "generated": self.queries is not None and all(q.source is None for q in self.queries)}
+                             "generated": self.generated}
         self.save(report)
         return CompressResult(self.out, self.prompt, report, self.history, self.teacher.forwards, list(self.warnings))
 
