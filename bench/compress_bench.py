@@ -8,7 +8,7 @@ Markdown + a plot of top-1 agreement against compression ratio under bench/resul
 Budget (full run): one context per size, 20 distillation steps of batch 4, 12-token teacher
 continuations, bf16 autocast, teacher outputs computed once per context and shared by all soft-prompt
 sizes; a context-initialized vs randomly initialized comparison at 16 soft tokens on squad-256 and
-the instruction set; one timing repeat on up to 4 held-out queries. On a 2-core machine shared with
+the instruction set; one timing repeat on 2 held-out queries. On a 2-core machine shared with
 other jobs use --threads 1 (two threads contending for one free core ran 5-20x slower).
 """
 from __future__ import annotations
@@ -96,7 +96,8 @@ def run_one(base, ctx: dict, train, held, tokens: int, init: str, args, cache: P
 
     cfg = CompressConfig(tokens=tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          max_new_tokens=args.max_new_tokens, topk=args.topk, init=init, bf16=not args.fp32,
-                         device="cpu", cache_dir=str(cache), timing_repeats=args.repeats, seed=args.seed)
+                         device="cpu", cache_dir=str(cache), timing_repeats=args.repeats, timing_queries=args.timed_queries,
+                         seed=args.seed)
     t0 = time.perf_counter()
     job = Compressor(ctx["text"], cfg, train, out, base=base, progress=False, heldout_queries=held)
     res = job.run()
@@ -203,7 +204,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="4,8,16,32")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--query-suffix", default=" Answer in a few words.", help="appended to each SQuAD question")
@@ -215,6 +216,7 @@ def main() -> int:
                     "oversubscription collapse when other jobs share the cores)")
     ap.add_argument("--no-instructions", dest="instructions", action="store_false")
     ap.add_argument("--repeats", type=int, default=1, help="timing repeats per query")
+    ap.add_argument("--timed-queries", type=int, default=2, help="held-out queries timed per run")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="compress_bench")

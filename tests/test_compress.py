@@ -88,6 +88,7 @@ def test_teacher_runs_once_and_its_cache_is_reused(tiny, tmp_path):
     job.train(entries)
     assert job.teacher.forwards == n  # no teacher forward in any epoch
     assert len(job.history) == 8
+    job.teacher_entries("heldout", job.heldout_q)
     # a second job with the same inputs loads everything from disk: zero teacher forwards
     job2 = Compressor(CONTEXT, cfg, _queries(), tmp_path / "b", base=tiny, progress=False)
     train2, _ = job2.split()
@@ -95,6 +96,12 @@ def test_teacher_runs_once_and_its_cache_is_reused(tiny, tmp_path):
     assert hit and job2.teacher.forwards == 0
     assert [e.cont for e in entries2] == [e.cont for e in entries]
     assert all(torch.equal(a.dists.idx, b.dists.idx) for a, b in zip(entries, entries2))
+    # the report's teacher logits: the context is encoded once, then one forward per held-out query
+    held2, hit = job2.teacher_entries("heldout", job2.heldout_q)
+    assert hit and job2.teacher.forwards == 0
+    job2.train(entries2)
+    job2.evaluate(held2)
+    assert job2.teacher.forwards == 1 + len(held2)
     # a changed setting (temperature) is a different cache entry
     job3 = Compressor(CONTEXT, _cfg(steps=8, batch_size=2, cache_dir=str(cache), temperature=2.0), _queries(),
                       tmp_path / "c", base=tiny, progress=False)

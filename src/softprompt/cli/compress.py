@@ -41,7 +41,7 @@ def register(sub) -> None:
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=100)
     o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--lr", type=float, default=0.05)
+    o.add_argument("--lr", type=float, default=0.03)
     o.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

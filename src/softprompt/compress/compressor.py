@@ -48,7 +48,7 @@ class CompressConfig:
     init: str = "context"  # context | random | vocab | text:TEXT
     steps: int = 100
     batch_size: int = 8
-    lr: float = 0.05
+    lr: float = 0.03
     warmup: float = 0.06
     schedule: str = "linear"
     max_grad_norm: float = 1.0
@@ -61,6 +61,7 @@ class CompressConfig:
     device: str | None = None
     cache_dir: str | None = None  # teacher cache (default: OUT/teacher_cache)
     timing_repeats: int = 3
+    timing_queries: int = 4  # held-out queries timed for time to first token
 
 
 @dataclass
@@ -182,6 +183,7 @@ class Compressor:
         c = self.cfg
         rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
         self.teacher.set_prefix(common_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
+        self.teacher_kv_prefix = len(self.teacher._prefix or [])
         gen = torch.Generator(device=self.teacher.device).manual_seed(c.seed)
         entries = []
         from tqdm.auto import tqdm
@@ -267,6 +269,8 @@ class Compressor:
         n = c.tokens
         conts = [e.cont for e in heldout]
         teacher_texts = [decode(tok, e.cont) for e in heldout]
+        ctx_end = self.renderer.span_end(heldout[0].query, len(self.ctx_ids))
+        self.teacher.set_prefix(common_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
         teacher_logits = [self.teacher.forced_logits(e.ids, e.cont).cpu() for e in heldout]
         answers = [next((q.answers for q in self.heldout_q if q.text == e.query), ()) for e in heldout]
         variants = {"soft": (self.prompt, [self.renderer.fill(e.query, None) for e in heldout]),
@@ -281,7 +285,7 @@ class Compressor:
 
             scored = [(t, a) for t, a in zip(teacher_texts, answers) if a]
             fid["teacher"] = {"answer_f1": sum(answer_f1(t, list(a)) for t, a in scored) / len(scored)}
-        timing = heldout[: min(4, len(heldout))]
+        timing = heldout[: min(c.timing_queries, len(heldout))]
         full = prefill_cost(base, None, [e.ids for e in timing], c.timing_repeats, c.bf16)
         soft = prefill_cost(base, self.prompt, [self.renderer.fill(e.query, None) for e in timing], c.timing_repeats, c.bf16)
         cost = {"full": full, "soft": soft, "kv_ratio": full["kv_bytes"] / max(soft["kv_bytes"], 1),
@@ -313,7 +317,7 @@ class Compressor:
         held_entries, held_hit = self.teacher_entries("heldout", self.heldout_q)
         teacher_info = {"forwards": self.teacher.forwards - f0, "time_s": time.perf_counter() - t0,
                         "cache": "hit" if train_hit and held_hit else "built", "dir": str(self.cache_dir),
-                        "kv_reused_prefix_tokens": len(self.teacher._prefix or [])}
+                        "kv_reused_prefix_tokens": getattr(self, "teacher_kv_prefix", None)}
         f1 = self.teacher.forwards
         self.train(train_entries)
         if self.teacher.forwards != f1:  # the loop must not touch the teacher
