@@ -176,23 +176,28 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: top-1 agreement vs compression ratio; right: held-out KL vs compression ratio. Solid: soft
+    prompt, dashed: truncated context, dotted: no context."""
     from softprompt.plots import _plt, save_figure
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     main = [r for r in rows if r["init"] == "context"]
     for i, name in enumerate(dict.fromkeys(r["context"] for r in main)):
         rs = sorted((r for r in main if r["context"] == name), key=lambda r: r["ratio"])
-        color = f"C{i}"
-        ax.plot([r["ratio"] for r in rs], [r["soft_top1_agreement"] for r in rs], "o-", color=color, label=f"{name} soft")
-        ax.plot([r["ratio"] for r in rs], [r["truncated_top1_agreement"] for r in rs], "x--", color=color, alpha=0.6, label=f"{name} truncated")
-        ax.axhline(rs[0]["none_top1_agreement"], color=color, ls=":", lw=1, alpha=0.6)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression ratio (context tokens / soft tokens)")
-    ax.set_ylabel("top-1 agreement with full-context teacher")
-    ax.set_title("Held-out agreement vs compression (dotted: no context)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        x, color = [r["ratio"] for r in rs], f"C{i}"
+        for ax, metric in zip(axes, ("top1_agreement", "kl_per_token")):
+            ax.plot(x, [r[f"soft_{metric}"] for r in rs], "o-", color=color, label=f"{name} ({rs[0]['context_tokens']} tok)")
+            ax.plot(x, [r[f"truncated_{metric}"] for r in rs], "x--", color=color, alpha=0.6)
+            ax.axhline(rs[0][f"none_{metric}"], color=color, ls=":", lw=1, alpha=0.6)
+    for ax, label in zip(axes, ("top-1 agreement with the full-context teacher", "KL(teacher || variant) per token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression ratio (context tokens / soft tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("held-out agreement (solid: soft, dashed: truncated, dotted: none)", fontsize=9)
+    axes[1].set_title("held-out KL, lower is better", fontsize=9)
+    axes[0].legend(fontsize=7)
     save_figure(fig, path)
     plt.close(fig)
 
@@ -220,7 +225,11 @@ def main() -> int:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="compress_bench")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text())["rows"], RESULTS / f"{args.name}.png")
+        return 0
     if args.quick:
         args.sizes, args.tokens, args.steps, args.instructions, args.name = "128", "4,16", 4, False, args.name + "_quick"
         args.max_new_tokens, args.train_queries, args.heldout_queries, args.init_compare = 6, 4, 2, 16
