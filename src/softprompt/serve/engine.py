@@ -86,6 +86,7 @@ class Engine:
         self.rows: list[_Row] = []
         self._kv = None  # DynamicCache of the running batch
         self._mask: torch.Tensor | None = None
+        self.joins = 0  # prefilled rows that joined a running batch (continuous batching at work)
 
     # -- client side (any thread) ------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -159,6 +160,8 @@ class Engine:
         lp = req.prompt
         if lp is None:
             return EMPTY
+        if not self.cache.enabled:  # the whole prompt runs in the batched prefill (only a prefix-tuning
+            return materialize(self.model, lp.prompt, [])  # prompt's own keys/values come ready-made)
         pre = self.cache.get(lp.hash)
         if pre is None:
             pre = materialize(self.model, lp.prompt, lp.prefix_ids)
@@ -234,6 +237,7 @@ class Engine:
         if not self.rows:
             self.rows, self._kv, self._mask = rows, kv, mask
             return
+        self.joins += len(rows)
         Ta, Tn = self._mask.shape[1], mask.shape[1]
         T = max(Ta, Tn)
 
