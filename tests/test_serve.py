@@ -519,3 +519,25 @@ def test_cli_hash_key_and_bad_arguments(tmp_path):
     bad.write_text("keys:\n  - name: a\n    sha256: plaintext-key\n    prompts: [x]\n")
     r = _cli("serve", "--prompts", str(tmp_path), "--keys", str(bad))
     assert r.returncode == 2 and "sha256" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the real model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_concurrent_prompts_equal_generate(smollm2, tmp_path):
+    """Two prompts and the bare model at once on SmolLM2; each answer equals generate alone."""
+    emb = smollm2.embedding.weight
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate((6, 11)):
+        table = emb[torch.randint(0, emb.shape[0], (n,), generator=g)].detach().clone()
+        _save(smollm2, tmp_path / f"p{i}", PromptTuning(n, smollm2.hidden_size, init=table), f"[soft:{n}] Review: {{input}}\nSentiment:")
+    server = Server(smollm2, Registry(smollm2, tmp_path), Auth(), watch_interval=None)
+    jobs = [("p0", "a gorgeous, witty film"), ("p1", "dull and far too long"), ("base", "The capital of France is")]
+    params = SamplingParams(max_new_tokens=8)
+    with LiveServer(server) as s:
+        c = s.client(None)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=8, temperature=0)
+                                .choices[0].text, jobs))
+    for (name, text), out in zip(jobs[:2], got[:2]):
+        assert out == reference(smollm2, server.registry, name, text, params)
+    assert got[2] == base_reference(smollm2, smollm2.tokenizer(jobs[2][1]).input_ids, params)
