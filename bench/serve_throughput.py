@@ -129,13 +129,13 @@ def free_port() -> int:
 
 
 def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, clients: int, cache: bool,
-               max_batch: int) -> tuple[dict, list[str], dict]:
+               max_batch: int, threads: int) -> tuple[dict, list[str], dict]:
     import httpx
     import openai
 
     port = free_port()
     cmd = [sys.executable, "-m", "softprompt", "serve", "--model", "smollm2", "--device", "cpu", "--prompts", str(prompt_dir),
-           "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients), "--watch-interval", "0"]
+           "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients), "--watch-interval", "0"]
     if not cache:
         cmd.append("--no-prefix-cache")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -245,6 +245,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for both sides (default 1: on a CPU shared with other busy processes, "
+                         "multi-threaded matmuls stall on descheduled threads)")
     ap.add_argument("--no-save", action="store_true", help="print only (the --quick run never overwrites results)")
     args = ap.parse_args()
     if args.quick:
@@ -257,6 +260,7 @@ def main() -> None:
 
     from softprompt.base import load_base
 
+    torch.set_num_threads(args.threads)
     base = load_base("smollm2", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         prompt_dir = Path(tmp)
@@ -267,9 +271,9 @@ def main() -> None:
               f"torch threads={torch.get_num_threads()}", flush=True)
         naive, naive_texts = run_naive(base, prompt_dir, jobs, args.max_tokens)
         print(f"naive done: {naive['tokens_per_s']:.1f} tok/s", flush=True)
-        on, on_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, True, args.max_batch)
+        on, on_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, True, args.max_batch, args.threads)
         print(f"server (cache on) done: {on['tokens_per_s']:.1f} tok/s", flush=True)
-        off, off_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, False, args.max_batch)
+        off, off_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, False, args.max_batch, args.threads)
         print(f"server (cache off) done: {off['tokens_per_s']:.1f} tok/s", flush=True)
     rows = [naive, on, off]
     for r in rows:

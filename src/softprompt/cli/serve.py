@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-memory-mb", type=float, default=256, help="memory budget for loaded prompts (LRU)")
     p.add_argument("--cache-memory-mb", type=float, default=512, help="memory budget for the KV-prefix cache (LRU)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt's prefix per request")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 "
+                   "is often faster on a machine shared with other busy processes)")
     p.add_argument("--watch-interval", type=float, default=1.0, help="seconds between directory scans (0: off)")
     p.set_defaults(func=run)
 
@@ -43,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
         if getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
+    import torch
     import uvicorn
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SoftPromptError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
 
     from softprompt.base import load_base
     from softprompt.serve.api import Limits, Server, create_app

@@ -87,6 +87,7 @@ class Engine:
         self._kv = None  # DynamicCache of the running batch
         self._mask: torch.Tensor | None = None
         self.joins = 0  # prefilled rows that joined a running batch (continuous batching at work)
+        self.cancelled_rows = 0  # running rows dropped because their client went away
 
     # -- client side (any thread) ------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -138,8 +139,9 @@ class Engine:
                 new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
                 self.metrics.queue_length = len(self._waiting)
             for row in self.rows:
-                if row.req.id in cancelled:
+                if row.req.id in cancelled and row.finished is None:
                     row.finished = "cancelled"
+                    self.cancelled_rows += 1
             try:
                 self._retire()
                 if new:
@@ -156,23 +158,26 @@ class Engine:
             self.metrics.batch_size = len(self.rows)
 
     # -- prefill -----------------------------------------------------------------------------------
-    def _prefix(self, req: Request) -> PrefixKV:
+    def _prefix(self, req: Request) -> tuple[PrefixKV, bool]:
+        """The cached prefix to start ``req`` from (cut to what its ids share with it), and whether
+        this row should fill the cache: on a miss the row runs its whole prompt in the batched
+        prefill and its prefix's keys/values are copied out of that forward (no extra forward)."""
         lp = req.prompt
         if lp is None:
-            return EMPTY
-        if not self.cache.enabled:  # the whole prompt runs in the batched prefill (only a prefix-tuning
-            return materialize(self.model, lp.prompt, [])  # prompt's own keys/values come ready-made)
-        pre = self.cache.get(lp.hash)
-        if pre is None:
-            pre = materialize(self.model, lp.prompt, lp.prefix_ids)
-            self.metrics.step("prefill", 1)
-            self.cache.put(lp.hash, pre)
-        n = 0
-        for a, b in zip(pre.ids, req.ids):
-            if a != b:
-                break
-            n += 1
-        return pre.truncated(min(n, len(req.ids) - 1))
+            return EMPTY, False
+        if self.cache.enabled:
+            pre = self.cache.get(lp.hash)
+            if pre is not None:
+                n = 0
+                for a, b in zip(pre.ids, req.ids):
+                    if a != b:
+                        break
+                    n += 1
+                return pre.truncated(min(n, len(req.ids) - 1)), False
+        # Only a prefix-tuning prompt's own keys/values come ready-made; the tokens run in the prefill.
+        fill = (self.cache.enabled and len(req.ids) > len(lp.prefix_ids)
+                and req.ids[:len(lp.prefix_ids)] == lp.prefix_ids)
+        return materialize(self.model, lp.prompt, []), fill
 
     def _embed(self, prompt, ids: torch.Tensor) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
@@ -182,10 +187,11 @@ class Engine:
     def _prefill(self, reqs: list[Request]) -> None:
         from transformers import DynamicCache
 
-        parts = []
+        parts, fills = [], []
         for r in reqs:
-            pre = self._prefix(r)
+            pre, fill = self._prefix(r)
             parts.append((pre, r.ids[len(pre.ids):]))
+            fills.append(fill)
         B = len(reqs)
         P = max(p.n_slots for p, _ in parts)
         S = max(len(s) for _, s in parts)
@@ -227,8 +233,21 @@ class Engine:
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         self.metrics.step("prefill", B)
+        for b, (fill, (pre, suf), r) in enumerate(zip(fills, parts, reqs)):
+            if fill and r.prompt.hash not in self.cache:
+                self._store_prefix(r.prompt, out.past_key_values, b, P, P + S - len(suf), pre.n_fixed)
         self._sample(rows, out.logits[:, -1])
         self._merge(rows, out.past_key_values, mask)
+
+    def _store_prefix(self, lp: LoadedPrompt, kv, b: int, fixed_end: int, first: int, n_fixed: int) -> None:
+        """Copy row ``b``'s prefix (its ``n_fixed`` ready-made slots ending at column ``fixed_end``, then
+        the prefix tokens from column ``first``) out of a prefill's keys/values into the cache."""
+        L = len(lp.prefix_ids)
+        cols = list(range(fixed_end - n_fixed, fixed_end)) + list(range(first, first + L))
+        idx = torch.tensor(cols, device=self.device)
+        keys = [layer.keys[b].index_select(1, idx) for layer in kv.layers]
+        values = [layer.values[b].index_select(1, idx) for layer in kv.layers]
+        self.cache.put(lp.hash, PrefixKV(keys, values, list(lp.prefix_ids), n_fixed, n_fixed))
 
     def _merge(self, rows: list[_Row], kv, mask: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding the narrower side's keys/values."""
