@@ -1,0 +1,73 @@
+"""softprompt serve"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from softprompt.cli.common import add_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve many prompts on one frozen model (OpenAI-compatible API)",
+                       description="Serve the prompt artifacts in a directory (one subdirectory each, named by its "
+                                   "subdirectory) over an OpenAI-compatible HTTP API, with continuous batching and a "
+                                   "KV-prefix cache. See docs/serving.md.")
+    add_model_args(p)
+    p.add_argument("--prompts", help="directory of prompt artifact directories (watched for changes)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keys", help="YAML file of API keys (sha256 hashes) and the prompts each may use; "
+                                  "without it the API is open and the admin endpoints are off")
+    p.add_argument("--hash-key", metavar="KEY", help="print the sha256 of KEY for the keys file, and exit")
+    p.add_argument("--max-batch", type=int, default=16, help="rows in one forward (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (default: 512)")
+    p.add_argument("--max-input-tokens", type=int, default=2048, help="cap on a prompt's length in tokens")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on a request body (default: 1 MiB)")
+    p.add_argument("--prompt-memory-mb", type=float, default=256, help="memory budget for loaded prompts (LRU)")
+    p.add_argument("--cache-memory-mb", type=float, default=512, help="memory budget for the KV-prefix cache (LRU)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt's prefix per request")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 "
+                   "is often faster on a machine shared with other busy processes)")
+    p.add_argument("--watch-interval", type=float, default=1.0, help="seconds between directory scans (0: off)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softprompt.errors import SoftPromptError
+    from softprompt.serve.auth import hash_key
+
+    if args.hash_key is not None:
+        print(hash_key(args.hash_key))
+        return 0
+    if not args.prompts:
+        raise SoftPromptError("serve needs --prompts DIR (a directory of prompt artifacts)")
+    for flag in ("max_batch", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
+        if getattr(args, flag) < 1:
+            raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
+    import torch
+    import uvicorn
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SoftPromptError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+
+    from softprompt.base import load_base
+    from softprompt.serve.api import Limits, Server, create_app
+    from softprompt.serve.auth import Auth
+    from softprompt.serve.registry import Registry
+
+    auth = Auth.from_file(args.keys) if args.keys else Auth()
+    base = load_base(args.model, device=args.device)
+    registry = Registry(base, args.prompts, budget_bytes=int(args.prompt_memory_mb * 2**20))
+    limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes)
+    server = Server(base, registry, auth, limits, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
+                    watch_interval=args.watch_interval or None)
+    logging.getLogger("softprompt").setLevel(logging.INFO)
+    if not auth.enabled:
+        logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
+                                                      args.host, args.port)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
