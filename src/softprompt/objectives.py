@@ -23,6 +23,14 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def compile_forward(model: nn.Module, target_only_head: bool = True) -> nn.Module:
+    """``torch.compile`` of what ``lm_loss`` runs over every position (the backbone, or the whole
+    model when the head cannot run apart). Shapes vary from batch to batch, so it is compiled with
+    dynamic shapes. The frozen base itself is left untouched (other users of it run eagerly)."""
+    parts = split_model(model) if target_only_head else None
+    return torch.compile(parts[0] if parts is not None else model, dynamic=True)
+
+
 def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> dict:
     if prompt is None:
         return base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
@@ -30,28 +38,42 @@ def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> di
 
 
 def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
-            reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the target tokens (labels != IGNORE), next-token shifted."""
+            reduction: str = "mean", compiled: nn.Module | None = None) -> torch.Tensor:
+    """Cross-entropy of the target tokens (labels != IGNORE), next-token shifted. ``compiled`` is a
+    compiled stand-in (see ``compile_forward``) for the module that runs the positions: the backbone
+    when the head runs apart, else the whole model."""
     inputs = model_inputs(model, prompt, batch)
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE
     parts = split_model(model) if target_only_head else None
     if parts is not None:
         backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+        hidden = (backbone if compiled is None else compiled)(**inputs, use_cache=False).last_hidden_state
         n_prefix = hidden.shape[1] - batch["labels"].shape[1]  # 0 unless a kind adds positions
         hidden = hidden[:, n_prefix:-1]
         logits = head(hidden[sel])
     else:
-        logits = model(**inputs, use_cache=False).logits
+        logits = (model if compiled is None else compiled)(**inputs, use_cache=False).logits
         n_prefix = logits.shape[1] - batch["labels"].shape[1]
         logits = logits[:, n_prefix:-1][sel]
     return F.cross_entropy(logits.float(), labels[sel], reduction=reduction)
 
 
 def sequence_logprobs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> torch.Tensor:
-    """Sum of target-token log-probabilities per row, shape [batch]."""
+    """Sum of target-token log-probabilities per row, shape [batch]. Like ``lm_loss``, runs the LM
+    head only at target positions when that is exact for the model."""
     inputs = model_inputs(model, prompt, batch)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    parts = split_model(model)
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+        n_prefix = hidden.shape[1] - batch["labels"].shape[1]
+        logits = head(hidden[:, n_prefix:-1][mask]).float()
+        lp = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device)
+        lp[mask] = torch.log_softmax(logits, -1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        return lp.sum(-1)
     logits = model(**inputs, use_cache=False).logits
     n_prefix = logits.shape[1] - batch["labels"].shape[1]
     logits = logits[:, n_prefix:-1].float()
