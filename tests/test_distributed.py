@@ -1,5 +1,7 @@
 """Data-parallel training: two CPU processes (gloo) under ``accelerate launch`` learn the prompt one
 process learns from the same global batches and seed."""
+# The artifact's ``world_size`` is checked so that a launcher that silently starts independent
+# single-rank processes (each would train on the full batch and match trivially) cannot pass.
 from __future__ import annotations
 
 import json
@@ -49,7 +51,9 @@ def test_two_processes_equal_one(tiny_dir, sentiment_files, tmp_path):
     one = subprocess.run([sys.executable, "-m", "softprompt.cli", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([_accelerate(), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # --multi_gpu selects accelerate's torchrun launcher (it also runs without GPUs; "--cpu" with several
+    # processes would need mpirun); the trainer then joins a gloo process group
+    two = subprocess.run([_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                           "-m", "softprompt.cli", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env=env)

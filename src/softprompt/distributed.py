@@ -89,7 +89,8 @@ def launched_world_size() -> int:
 def current() -> Dist:
     """The job this process belongs to. Joins the process group when a launcher started several
     processes (``WORLD_SIZE`` > 1) and none is initialized yet, through accelerate's
-    ``PartialState`` (gloo on CPU, NCCL on CUDA, one device per local rank)."""
+    ``PartialState`` (gloo on CPU, NCCL on CUDA, one device per local rank). A launch that sets
+    ``WORLD_SIZE`` but leaves accelerate undistributed is an error, not a silent single-rank run."""
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world == 1:
@@ -102,5 +103,9 @@ def current() -> Dist:
         return Dist()
     from accelerate import PartialState
 
-    state = PartialState()
+    # without a GPU, accelerate only picks its multi-CPU (gloo) mode when told the job is CPU-only
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != launched_world_size():
+        raise RuntimeError(f"launched with WORLD_SIZE={launched_world_size()} but accelerate set up "
+                           f"{state.num_processes} process(es) ({state.distributed_type})")
     return Dist(state.process_index, state.num_processes, state.device)
