@@ -48,3 +48,14 @@ def _compare(tiny, tiny_dir, sentiment_files, tmp_path):
 def test_matmul_throughput_is_measured():
     f = matmul_flops_per_s(torch.float32, size=256, repeats=2)
     assert 1e8 < f < 1e15
+
+
+def test_shared_prefix_counts_shared_positions_once():
+    from softprompt.flops import ModelDims, train_step_flops
+
+    dims = ModelDims(linear_params=10, layers=1, attn_dim=1, head_params=0)
+    plain = train_step_flops(dims, [5, 7], 0)
+    shared = train_step_flops(dims, [5, 7], 0, shared=3)
+    # linear: 12 tokens -> 9 computed; attention scores: 25 + 49 -> 3*3 + 2*5 + 4*7
+    assert plain.forward == 2 * 10 * 12 + 4 * (25 + 49)
+    assert shared.forward == 2 * 10 * 9 + 4 * (9 + 10 + 28)

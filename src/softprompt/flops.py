@@ -55,12 +55,15 @@ class StepFlops:
         return self.forward + self.backward
 
 
-def train_step_flops(dims: ModelDims, lengths: list[int], head_positions: int) -> StepFlops:
+def train_step_flops(dims: ModelDims, lengths: list[int], head_positions: int, shared: int = 0) -> StepFlops:
     """FLOPs of one training step over sequences of ``lengths`` real tokens (soft tokens included),
-    with the LM head run at ``head_positions`` positions in all."""
-    tokens = sum(lengths)
+    with the LM head run at ``head_positions`` positions in all. ``shared`` leading positions common
+    to every row run once (see objectives: the shared prefix); the rows' own queries still attend to
+    them."""
+    tokens = sum(lengths) - shared * (len(lengths) - 1) if shared else sum(lengths)
     linear = 2 * dims.linear_params * tokens
-    attn = 4 * dims.layers * dims.attn_dim * sum(n * n for n in lengths)
+    scores = shared * shared + sum((n - shared) * n for n in lengths) if shared else sum(n * n for n in lengths)
+    attn = 4 * dims.layers * dims.attn_dim * scores
     head = 2 * dims.head_params * head_positions
     return StepFlops(forward=float(linear + attn + head), backward=float(linear + 2 * attn + head))
 
