@@ -30,6 +30,14 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def compile_forward(model: nn.Module, target_only_head: bool = True) -> nn.Module:
+    """``torch.compile`` of what ``lm_loss`` runs over every position (the backbone, or the whole
+    model when the head cannot run apart). Shapes vary from batch to batch, so it is compiled with
+    dynamic shapes. The frozen base itself is left untouched (other users of it run eagerly)."""
+    parts = split_model(model) if target_only_head else None
+    return torch.compile(parts[0] if parts is not None else model, dynamic=True)
+
+
 def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> dict:
     if prompt is None:
         return base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
@@ -86,9 +94,12 @@ def _with_shared_prefix(net: nn.Module, inputs: dict, m: int):
 
 
 def target_logits(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
-                  share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  share_prefix: bool = True, compiled: nn.Module | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a target token (next-token shifted), with those targets
-    and each one's row: ``([n, vocab], [n], [n])``."""
+    and each one's row: ``([n, vocab], [n], [n])``. ``compiled`` is a compiled stand-in (see
+    ``compile_forward``) for the module that runs the positions: the backbone when the head runs
+    apart, else the whole model."""
     inputs = model_inputs(model, prompt, batch)
     m = shared_prefix_len(batch) if share_prefix else 0
     labels = batch["labels"][:, m + 1:]
@@ -97,22 +108,24 @@ def target_logits(model: nn.Module, prompt: SoftPrompt | None, batch: dict, targ
     parts = split_model(model) if target_only_head else None
     if parts is not None:
         backbone, head = parts
-        out = _with_shared_prefix(backbone, inputs, m) if m else backbone(**inputs, use_cache=False)
+        net = backbone if compiled is None else compiled
+        out = _with_shared_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
         hidden = out.last_hidden_state
         hidden = hidden[:, hidden.shape[1] - labels.shape[1] - 1:-1]  # drops a kind's extra positions
         logits = head(hidden[sel])
     else:
-        out = _with_shared_prefix(model, inputs, m) if m else model(**inputs, use_cache=False)
+        net = model if compiled is None else compiled
+        out = _with_shared_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
         logits = out.logits
         logits = logits[:, logits.shape[1] - labels.shape[1] - 1:-1][sel]
     return logits, labels[sel], rows
 
 
 def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
-            reduction: str = "mean", share_prefix: bool = False) -> torch.Tensor:
+            reduction: str = "mean", share_prefix: bool = False, compiled: nn.Module | None = None) -> torch.Tensor:
     """Cross-entropy of the target tokens (labels != IGNORE). ``share_prefix`` runs the batch's common
     leading tokens once (exact; see the module docstring)."""
-    logits, targets, _ = target_logits(model, prompt, batch, target_only_head, share_prefix)
+    logits, targets, _ = target_logits(model, prompt, batch, target_only_head, share_prefix, compiled)
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 

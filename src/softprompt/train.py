@@ -3,11 +3,16 @@
 One readable loop. Checkpoints hold the prompt, the optimizer and scheduler state and the step; the
 batch order is fixed in advance from the seed, so ``resume`` after a kill ends with exactly the
 prompt an uninterrupted run produces.
+
+Under a multi-process launcher (``accelerate launch``, ``torchrun``) the same loop runs data
+parallel: each rank takes its slice of every global batch of the plan, the prompt's gradients are
+summed across ranks, and only rank 0 evaluates and writes files (see ``softprompt.distributed``).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +24,13 @@ from softprompt import __version__
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
+from softprompt.distributed import current as current_dist
 from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
 from softprompt.examples import Example
 from softprompt.init import init_table, parse_init
 from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
-from softprompt.objectives import lm_loss
+from softprompt.objectives import compile_forward, lm_loss
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.scoring import accuracy, autocast, label_set, mean_loss
 from softprompt.template import Template, parse_template
@@ -60,6 +66,7 @@ class TrainConfig:
     bucket: bool = True
     target_only_head: bool = True
     share_prefix: bool = True  # run the batch's common leading tokens once (exact)
+    compile: bool = False  # torch.compile the base model's forward over the positions
     device: str | None = None
 
     def template_source(self) -> str:
@@ -149,8 +156,9 @@ class Trainer:
         if not train:
             raise SoftPromptError("empty training set")
         self.cfg, self.train_set, self.dev_set, self.out = cfg, train, dev or [], Path(out)
-        self.progress = progress
-        self.base = base or load_base(cfg.model, device=cfg.device)
+        self.dist = current_dist()
+        self.progress = progress and self.dist.is_main
+        self.base = base or load_base(cfg.model, device=cfg.device or self.dist.device)
         self.device = self.base.device
         self.template = parse_template(cfg.template_source())
         check_template(self.template, needs_soft=cfg.kind != "prefix")
@@ -163,12 +171,15 @@ class Trainer:
         self.prompt = create_prompt(cfg, self.base, self.template, self.labels).to(self.device)
         self.prompt.train()
         params = [p for p in self.prompt.parameters() if p.requires_grad]
+        self.dist.broadcast_params(params)
+        self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.plan = batch_plan([len(e.ids) for e in self.encoded], cfg.batch_size, cfg.steps * cfg.grad_accum,
                                cfg.seed, bucket=cfg.bucket)
+        self.compiled = compile_forward(self.base.model, cfg.target_only_head) if cfg.compile else None
         self.loss_fn = loss_fn or (lambda batch: lm_loss(self.base.model, self.prompt, batch, cfg.target_only_head, "sum",
-                                                                  share_prefix=cfg.share_prefix))
+                                                         share_prefix=cfg.share_prefix, compiled=self.compiled))
         self.step = 0
         self.best: dict | None = None
         self.best_tensors: dict[str, torch.Tensor] | None = None
@@ -181,7 +192,9 @@ class Trainer:
         micro = [self.plan[self.step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
         n_tok = sum(sum(1 for x in self.encoded[j].labels[1:] if x != -100) for m in micro for j in m)
         total, tokens = 0.0, 0
-        for idx in micro:
+        for idx in map(self.dist.shard, micro):  # the whole batch, or this rank's slice of it
+            if not idx:
+                continue
             batch = {k: v.to(self.device) for k, v in collate([self.encoded[j] for j in idx], self.base.tokenizer.pad_token_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with autocast(self.device, cfg.bf16):
@@ -190,6 +203,10 @@ class Trainer:
                 raise SoftPromptError(f"non-finite loss ({loss.item()}) at step {self.step + 1}: lower --lr, or check the data")
             loss.backward()
             total += float(loss.detach())
+        if self.dist.active:
+            self.dist.all_reduce_grads(self.params)
+            total, tokens = self.dist.sum([total, float(tokens)], self.device)
+            tokens = int(tokens)
         norm = torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         self.opt.step()
         self.sched.step()
@@ -257,17 +274,19 @@ class Trainer:
         without saving anything more (as a kill would), for tests of resuming."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
         resumed = resume and self.load_checkpoint()
-        if resumed:  # drop log lines written after the checkpoint
+        if not main:  # other ranks train in step with rank 0 but write nothing
+            log_path = Path(os.devnull)
+        elif resumed:  # drop log lines written after the checkpoint
             lines = log_path.read_text().splitlines() if log_path.exists() else []
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
             log_path.write_text("".join(ln + "\n" for ln in keep))
         else:
             log_path.write_text("")
-        self.history = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+        self.history = [json.loads(ln) for ln in log_path.read_text().splitlines()] if main else []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
         stopped, last = False, {"loss": float("nan")}
         with open(log_path, "a") as log:
@@ -282,16 +301,21 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2g}")
                 at_eval = self.dev_set and cfg.eval_every and self.step % cfg.eval_every == 0
-                if at_eval:
-                    stopped = self._eval_and_keep(log, bar)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or at_eval:
+                if at_eval:  # rank 0 evaluates; the others wait for its early-stopping decision
+                    stopped = self.dist.broadcast_flag(main and self._eval_and_keep(log, bar), self.device)
+                if main and ((cfg.save_every and self.step % cfg.save_every == 0) or at_eval):
                     self.save_checkpoint()
         bar.close()
+        if not main:
+            self.dist.barrier()  # until rank 0 has saved everything
+            return TrainResult(self.out, self.step, last["loss"], None, {"steps": self.step, "rank": self.dist.rank}, stopped)
         if self.dev_set and (not self.history or self.history[-1].get("type") != "eval"):
             with open(log_path, "a") as log:
                 self._eval_and_keep(log, None)
         self.save_checkpoint()
-        return self._finish(last, stopped)
+        result = self._finish(last, stopped)
+        self.dist.barrier()
+        return result
 
     def _eval_and_keep(self, log, bar) -> bool:
         ev = self.evaluate()
@@ -317,6 +341,8 @@ class Trainer:
                    "first_train_loss": train_losses[0] if train_losses else None, "stopped_early": stopped}
         if self.best:
             metrics["best"] = self.best
+        if self.dist.active:
+            metrics["world_size"] = self.dist.world
         meta = build_meta(self.prompt, self.template_source, self.base, init=self.cfg.init,
                           format=self.fmt.describe(), labels=self.labels, train_config=asdict(self.cfg),
                           metrics=metrics, data={"train": self.train_set[0].source, "n_train": len(self.train_set),

@@ -41,6 +41,7 @@ def register(sub) -> None:
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--no-bucket", dest="bucket", action="store_false", help="no length bucketing")
+    o.add_argument("--compile", action="store_true", help="torch.compile the base model's forward (pays off on long runs)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prompt in --out")
@@ -97,8 +98,18 @@ def run(args: argparse.Namespace) -> int:
                       kind_options=_options(args.option), steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                       schedule=args.schedule, eval_every=args.eval_every, patience=args.patience,
-                      save_every=args.save_every, seed=args.seed, bf16=args.bf16, bucket=args.bucket, device=args.device)
-    res = Trainer(cfg, train, dev, out, progress=not args.quiet).run(resume=args.resume)
+                      save_every=args.save_every, seed=args.seed, bf16=args.bf16, bucket=args.bucket, compile=args.compile,
+                      device=args.device)
+    trainer = Trainer(cfg, train, dev, out, progress=not args.quiet)
+    try:
+        res = trainer.run(resume=args.resume)
+    finally:
+        if trainer.dist.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not trainer.dist.is_main:  # rank 0 reports
+        return 0
     m = res.metrics
     line = f"saved {res.out} after {res.steps_done} steps: train loss {m['first_train_loss']:.4f} -> {m['final_train_loss']:.4f}"
     if res.best:

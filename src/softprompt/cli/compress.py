@@ -1,0 +1,82 @@
+"""softprompt compress"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softprompt.cli.common import add_model_args
+from softprompt.errors import DataError, SoftPromptError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compress", help="distill a long context into a few soft tokens",
+                       description="Distill a long context (system prompt, instructions, a document) into a soft "
+                                   "prompt: the model with the soft prompt should answer queries as it does with "
+                                   "the full context. Writes an ordinary prompt artifact and compression_report.json/.md.")
+    add_model_args(p)
+    p.add_argument("--context", required=True, help="text file holding the context to compress")
+    p.add_argument("--tokens", type=int, default=16, help="soft tokens (default: 16)")
+    p.add_argument("--queries", help="queries: one per line, or JSONL with 'query' (and optional 'answers'); "
+                                     "default: generated from the model and generic probes")
+    p.add_argument("--n-queries", type=int, default=24, help="queries to generate when --queries is not given")
+    p.add_argument("--heldout", type=float, default=0.2, help="share of queries held out for the report (default 0.2)")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prompt in --out")
+    lay = p.add_argument_group("layout")
+    lay.add_argument("--placement", choices=["system", "user"], default="system",
+                     help="where the context sits for the teacher (and the soft prompt for the student): the chat "
+                          "system message (default) or before the query in the user message")
+    lay.add_argument("--template", help="custom layout with one soft span and {input}, e.g. '[soft:16]\\nQuestion: {input}'")
+    lay.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template (implies --placement user)")
+    d = p.add_argument_group("distillation")
+    d.add_argument("--teacher", help="teacher model sharing the tokenizer (default: the same model)")
+    d.add_argument("--objective", choices=["forward_kl", "reverse_kl", "loglik"], default="forward_kl")
+    d.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    d.add_argument("--topk", type=int, default=64, help="keep the teacher's top-k log-probs + remainder (0: exact full-vocabulary KL)")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="teacher continuation length (default 32)")
+    d.add_argument("--sample", type=float, default=0.0, metavar="T", help="sample teacher continuations at temperature T (default: greedy)")
+    d.add_argument("--init", default="context", help="context | random | vocab | text:TEXT (default: context)")
+    d.add_argument("--cache-dir", help="teacher cache directory (default: OUT/teacher_cache)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--steps", type=int, default=100)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--lr", type=float, default=0.03)
+    o.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def read_context(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("context file does not exist" if not p.exists() else "context path is not a file", str(p))
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read context file ({e.__class__.__name__})", str(p)) from None
+    if not text.strip():
+        raise DataError("the context is empty: nothing to compress", str(p))
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from softprompt.compress import CompressConfig, Compressor, read_queries
+    from softprompt.compress.report import format_text
+
+    out = Path(args.out)
+    if not args.overwrite and (out / "prompt.json").exists():
+        raise SoftPromptError(f"{out} already holds a prompt: pass --overwrite to replace it")
+    context = read_context(args.context)
+    queries = read_queries(args.queries) if args.queries else None
+    cfg = CompressConfig(model=args.model, teacher=args.teacher, tokens=args.tokens, placement=args.placement,
+                         template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature,
+                         topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         max_new_tokens=args.max_new_tokens, sample_temperature=args.sample, n_queries=args.n_queries,
+                         heldout=args.heldout, seed=args.seed, bf16=args.bf16, device=args.device, cache_dir=args.cache_dir)
+    job = Compressor(context, cfg, queries, out, progress=not args.quiet,
+                     warn=lambda m: print(f"softprompt: warning: {m}", file=sys.stderr))
+    res = job.run()
+    print(format_text(res.report))
+    print(f"\nsaved {res.out} (report: {res.out / 'compression_report.md'})")
+    return 0

@@ -1,0 +1,126 @@
+"""Queries for distillation: read from a file (one per line, or JSONL), or sampled from the model
+itself given the context plus generic probes; split into training and held-out sets."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softprompt.errors import DataError, SoftPromptError
+
+# Generic probes asked of every context when queries are generated automatically.
+PROBES = (
+    "Summarize the text in one sentence.",
+    "What is the main topic of the text?",
+    "List three key facts from the text.",
+    "Who or what is the text mainly about?",
+    "What is the most important detail in the text?",
+    "Give the text a short title.",
+    "What numbers or dates does the text mention?",
+    "Explain the text to a child.",
+    "What question does the text answer?",
+    "What happens first in the text?",
+    "Name a place, person or thing mentioned in the text.",
+    "What is surprising in the text?",
+)
+QUESTION_INSTRUCTIONS = (
+    "Write one question that can be answered from the text above. Reply with the question only.",
+    "Write one instruction a user might give about the text above. Reply with the instruction only.",
+)
+_KEYS = ("query", "question", "input", "prompt", "instruction")
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    answers: tuple[str, ...] = ()  # gold answers, when known (scored by answer F1)
+    source: str | None = None
+    line: int | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    """One query per non-empty line, or JSONL objects with a ``query`` (or ``question``/``input``)
+    string and optional ``answers`` (list) or ``answer``/``target`` (string)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError("queries file does not exist", str(p))
+    if p.is_dir():
+        raise DataError("queries file is a directory", str(p))
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read queries file ({e.__class__.__name__}: {e})", str(p)) from None
+    out: list[Query] = []
+    jsonl = p.suffix.lower() == ".jsonl"
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            out.append(Query(line.strip(), source=str(p), line=n))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON ({e.msg})", str(p), n) from None
+        if not isinstance(obj, dict):
+            raise DataError("expected a JSON object per line", str(p), n)
+        key = next((k for k in _KEYS if k in obj), None)
+        if key is None or not isinstance(obj[key], str) or not obj[key].strip():
+            raise DataError(f"no query text: expected a non-empty string field, one of {', '.join(_KEYS)}", str(p), n)
+        answers = obj.get("answers")
+        if answers is None:
+            single = obj.get("answer", obj.get("target"))
+            answers = [single] if isinstance(single, str) else []
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataError("'answers' must be a list of strings", str(p), n)
+        out.append(Query(obj[key].strip(), tuple(a for a in answers if a.strip()), str(p), n))
+    if not out:
+        raise DataError("queries file is empty (no non-blank lines)", str(p))
+    return out
+
+
+def split_queries(queries: list[Query], heldout: float = 0.2, seed: int = 0) -> tuple[list[Query], list[Query]]:
+    """Seeded shuffle, then a held-out share (at least one query on each side)."""
+    if len(queries) < 2:
+        raise SoftPromptError(f"need at least 2 queries (one to train on, one held out), got {len(queries)}")
+    if not 0 < heldout < 1:
+        raise SoftPromptError(f"--heldout must be between 0 and 1 (got {heldout})")
+    order = list(range(len(queries)))
+    random.Random(seed).shuffle(order)
+    k = min(len(queries) - 1, max(1, round(heldout * len(queries))))
+    return [queries[i] for i in order[k:]], [queries[i] for i in order[:k]]
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip().strip('"').strip()
+        if len(line) > 8:
+            return line
+    return ""
+
+
+def generate_queries(base, context: str, n: int = 24, seed: int = 0, max_new_tokens: int = 40,
+                     bf16: bool = False) -> list[Query]:
+    """``n`` queries: questions and instructions sampled from the model given the context, topped up
+    with the generic :data:`PROBES` (always at least half of the probes are included)."""
+    from softprompt.encoding import PromptFormat
+    from softprompt.generate import SamplingParams, generate
+    from softprompt.template import Template
+
+    n_sampled = n - min(len(PROBES), max(1, n // 2))
+    fmt = PromptFormat(base.tokenizer, Template.default(0), chat=True)
+    sampled: list[str] = []
+    attempt = 0
+    while len(sampled) < n_sampled and attempt < 3:
+        asks = [f"{context}\n\n{QUESTION_INSTRUCTIONS[i % len(QUESTION_INSTRUCTIONS)]}" for i in range(n_sampled * 2)]
+        outs = generate(base, None, fmt, asks, SamplingParams(max_new_tokens, temperature=0.9, top_p=0.95,
+                                                               seed=seed + attempt), batch_size=8, bf16=bf16)
+        for o in outs:
+            q = _first_line(o)
+            if q and q not in sampled and len(sampled) < n_sampled:
+                sampled.append(q)
+        attempt += 1
+    probes = list(PROBES[: n - len(sampled)])
+    return [Query(q, meta={"origin": "sampled"}) for q in sampled] + [Query(p, meta={"origin": "probe"}) for p in probes]

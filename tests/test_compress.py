@@ -1,0 +1,291 @@
+"""Context compression: losses, the teacher cache and its reuse, the report's numbers recomputed
+independently, the artifact through the ordinary paths, and bad input through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.compress import CompressConfig, Compressor, Query, compress, read_queries, split_queries
+from softprompt.compress.distill import continuation_logits, kl_loss, rows_batch
+from softprompt.compress.layout import Renderer, make_layout
+from softprompt.compress.teacher import TeacherDists, compress_dist
+from softprompt.errors import DataError, SoftPromptError
+
+CONTEXT = ("The harbor town of Vell sits between two cliffs. Its lighthouse was built in 1871 by Ada Moreau, "
+           "who also founded the town's school. Fishing boats leave at dawn and return before noon.")
+QUERIES = ["Who built the lighthouse?", "When was the lighthouse built?", "What does the town sit between?",
+           "Who founded the school?", "When do boats leave?", "What is the town called?",
+           "When do the boats return?", "What did Ada Moreau found?"]
+
+
+def _queries() -> list[Query]:
+    return [Query(q) for q in QUERIES]
+
+
+def _cfg(**kw) -> CompressConfig:
+    base = dict(tokens=4, steps=6, batch_size=4, max_new_tokens=6, lr=0.1, timing_repeats=1, heldout=0.25)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+# -- losses ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("topk", [0, 16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kl_is_zero_when_student_sees_the_teachers_input(tiny, tmp_path, topk, reverse):
+    job = Compressor(CONTEXT, _cfg(topk=topk), _queries(), tmp_path / "p", base=tiny, progress=False)
+    train, _ = job.split()
+    entries, hit = job.teacher_entries("train", train)
+    assert not hit
+    # The student path (no soft prompt, no KV cache, whole padded batch) fed the teacher's own ids.
+    rows = [(job.renderer.fill(e.query, job.ctx_ids), e.cont) for e in entries]
+    logits = continuation_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device))
+    dists = TeacherDists.cat([e.dists for e in entries])
+    n = sum(len(e.cont) for e in entries)
+    assert float(kl_loss(logits, dists, reverse=reverse)) / n < 1e-5
+    # ... and clearly non-zero when the context is missing.
+    rows = [(job.renderer.fill(e.query, []), e.cont) for e in entries]
+    logits = continuation_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device))
+    assert float(kl_loss(logits, dists, reverse=reverse)) / n > 1e-3
+
+
+def test_topk_kl_is_a_lower_bound_and_exact_with_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 50, generator=g) * 3, torch.randn(5, 50, generator=g) * 3
+    for reverse in (False, True):
+        exact = kl_loss(s, compress_dist(t, 1.0, 0), reverse=reverse)
+        assert kl_loss(s, compress_dist(t, 1.0, 8), reverse=reverse) <= exact + 1e-5
+        assert torch.allclose(kl_loss(s, compress_dist(t, 1.0, 50), reverse=reverse), exact, atol=1e-4)
+    # temperature: softened distributions, scaled by T^2
+    p, q = torch.log_softmax(t / 2, -1), torch.log_softmax(s / 2, -1)
+    manual = (p.exp() * (p - q)).sum() * 4
+    assert torch.allclose(kl_loss(s, compress_dist(t, 2.0, 0), temperature=2.0), manual, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "loglik"])
+def test_distillation_loss_falls(tiny, tmp_path, objective):
+    job = Compressor(CONTEXT, _cfg(objective=objective, steps=25, init="random"), _queries(), tmp_path / "p",
+                     base=tiny, progress=False)
+    train, _ = job.split()
+    entries, _ = job.teacher_entries("train", train)
+    before = job.loss_on(entries, job.make_prompt())
+    job.train(entries)
+    after = job.loss_on(entries)
+    assert after < 0.9 * before, (before, after)
+
+
+# -- the teacher cache -----------------------------------------------------------------------------
+def test_teacher_runs_once_and_its_cache_is_reused(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = _cfg(steps=8, batch_size=2, cache_dir=str(cache))  # 6 training queries: more than 2 epochs
+    job = Compressor(CONTEXT, cfg, _queries(), tmp_path / "a", base=tiny, progress=False)
+    train, _ = job.split()
+    entries, _ = job.teacher_entries("train", train)
+    # the context is encoded once; each query then costs one forward per continuation token
+    assert job.teacher.forwards == 1 + sum(len(e.cont) for e in entries)
+    n = job.teacher.forwards
+    job.train(entries)
+    assert job.teacher.forwards == n  # no teacher forward in any epoch
+    assert len(job.history) == 8
+    job.teacher_entries("heldout", job.heldout_q)
+    # a second job with the same inputs loads everything from disk: zero teacher forwards
+    job2 = Compressor(CONTEXT, cfg, _queries(), tmp_path / "b", base=tiny, progress=False)
+    train2, _ = job2.split()
+    entries2, hit = job2.teacher_entries("train", train2)
+    assert hit and job2.teacher.forwards == 0
+    assert [e.cont for e in entries2] == [e.cont for e in entries]
+    assert all(torch.equal(a.dists.idx, b.dists.idx) for a, b in zip(entries, entries2))
+    # the report's teacher logits: the context is encoded once, then one forward per held-out query
+    held2, hit = job2.teacher_entries("heldout", job2.heldout_q)
+    assert hit and job2.teacher.forwards == 0
+    job2.train(entries2)
+    job2.evaluate(held2)
+    assert job2.teacher.forwards == 1 + len(held2)
+    # a changed setting (temperature) is a different cache entry
+    job3 = Compressor(CONTEXT, _cfg(steps=8, batch_size=2, cache_dir=str(cache), temperature=2.0), _queries(),
+                      tmp_path / "c", base=tiny, progress=False)
+    _, hit = job3.teacher_entries("train", job3.split()[0])
+    assert not hit and job3.teacher.forwards > 0
+
+
+def test_teacher_with_kv_reuse_matches_a_plain_forward(tiny, tmp_path):
+    job = Compressor(CONTEXT, _cfg(topk=0), _queries(), tmp_path / "p", base=tiny, progress=False)
+    train, held = job.split()
+    entries, _ = job.teacher_entries("train", train)
+    for e in entries[:3]:
+        ids = torch.tensor([e.ids + e.cont])
+        plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1:-1]
+        assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain, atol=1e-4)
+        assert torch.allclose(e.dists.full, torch.log_softmax(plain, -1).half().float(), atol=1e-2)
+
+
+# -- the report ------------------------------------------------------------------------------------
+def test_report_numbers_are_recomputed_independently(tiny, tmp_path):
+    res = compress(CONTEXT, _cfg(tokens=6), _queries(), tmp_path / "p", base=tiny, progress=False)
+    rep = json.loads((tmp_path / "p" / "compression_report.json").read_text())
+    assert rep["fidelity"]["truncated"]["top1_agreement"] == res.report["fidelity"]["truncated"]["top1_agreement"]
+    tok, model = tiny.tokenizer, tiny.model
+    ctx = tok(CONTEXT, add_special_tokens=False).input_ids
+    assert rep["context_tokens"] == len(ctx) and rep["compression_ratio"] == pytest.approx(len(ctx) / 6)
+    agree, kl, n = 0, 0.0, 0
+    for q in rep["queries"]["heldout"]:
+        # the teacher's ids straight from the chat template, and the teacher's own greedy continuation
+        full = tok.apply_chat_template([{"role": "system", "content": CONTEXT}, {"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = list(full["input_ids"] if isinstance(full, dict) else full)
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([full]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        cont = gen[0, len(full):].tolist()
+        start = next(i for i in range(len(full)) if full[i:i + len(ctx)] == ctx)
+        trunc = full[:start] + ctx[:6] + full[start + len(ctx):]
+        with torch.no_grad():
+            t = model(input_ids=torch.tensor([full + cont])).logits[0, len(full) - 1:-1]
+            s = model(input_ids=torch.tensor([trunc + cont])).logits[0, len(trunc) - 1:-1]
+        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        lt, ls = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+        kl += float((lt.exp() * (lt - ls)).sum())
+        n += len(cont)
+    got = rep["fidelity"]["truncated"]
+    assert got["tokens"] == n
+    assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-9)
+    assert got["kl_per_token"] == pytest.approx(kl / n, rel=1e-3, abs=1e-5)
+    c = rep["cost"]
+    assert c["full"]["kv_bytes"] > c["soft"]["kv_bytes"] > 0
+    # KV bytes: layers x 2 (k, v) x kv heads x head_dim x tokens x 4 bytes (fp32)
+    cfg = model.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert c["soft"]["kv_bytes"] == pytest.approx(per_token * c["soft"]["prompt_tokens"])
+    md = (tmp_path / "p" / "compression_report.md").read_text()
+    assert "truncated context" in md and "no context" in md
+
+
+def test_compressed_prompt_loads_and_generates_through_the_ordinary_paths(tiny, tiny_dir, tmp_path, capsys):
+    from softprompt.artifact import load_artifact
+    from softprompt.cli import main
+    from softprompt.generate import SamplingParams, generate
+
+    out = tmp_path / "p"
+    res = compress(CONTEXT, _cfg(), _queries(), out, base=tiny, progress=False)
+    art = load_artifact(out, base=tiny)
+    assert art.kind == "prompt-tuning" and art.meta["compression"]["soft_tokens"] == 4
+    assert art.template.n_virtual == 4 and art.template.fields == ["input"]
+    assert torch.equal(art.prompt.vectors().cpu(), res.prompt.vectors().cpu())
+    ex = res.report["examples"][0]
+    got = generate(tiny, art.prompt, art.prompt_format(tiny), [ex["query"]], SamplingParams(max_new_tokens=6))
+    assert got[0].strip() == ex["soft"]  # the report's soft-prompt output is what `generate` produces
+    assert main(["generate", str(out), ex["query"], "--model", str(tiny_dir), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == ex["soft"]
+
+
+def test_user_placement_and_custom_template(tiny, tmp_path):
+    lay = make_layout(tiny.tokenizer, 4, "user")
+    assert lay.chat and lay.template_source.startswith("[soft:4]")
+    r = Renderer(tiny.tokenizer, lay)
+    ids = r.student_ids("hi")
+    assert sum(1 for x in ids if x < 0) == 4
+    lay2 = make_layout(tiny.tokenizer, 5, template="Notes: [soft:2]\nQ: {input}")
+    assert "[soft:5]" in lay2.template_source
+    with pytest.raises(SoftPromptError, match="exactly one soft span"):
+        make_layout(tiny.tokenizer, 4, template="[soft:2] {input} [soft:2]")
+    res = compress(CONTEXT, _cfg(placement="user", steps=2), _queries(), tmp_path / "u", base=tiny, progress=False)
+    assert res.report["placement"] == "user"
+
+
+def test_system_layout_matches_the_chat_template(tiny):
+    lay = make_layout(tiny.tokenizer, 3, "system")
+    r = Renderer(tiny.tokenizer, lay)
+    ctx = tiny.tokenizer(CONTEXT, add_special_tokens=False).input_ids
+    want = tiny.tokenizer.apply_chat_template([{"role": "system", "content": CONTEXT}, {"role": "user", "content": "Who?"}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False)
+    want = list(want["input_ids"] if isinstance(want, dict) else want)
+    assert r.fill("Who?", ctx) == want
+
+
+def test_different_teacher_sharing_the_tokenizer(tiny, other_tiny_dir, tmp_path):
+    from softprompt.base import load_base
+
+    other = load_base(str(other_tiny_dir), device="cpu")
+    job = Compressor(CONTEXT, _cfg(teacher=str(other_tiny_dir)), _queries(), tmp_path / "p", base=tiny,
+                     teacher_base=other, progress=False)
+    train, _ = job.split()
+    entries, _ = job.teacher_entries("train", train)
+    own = Compressor(CONTEXT, _cfg(), _queries(), tmp_path / "q", base=tiny, progress=False)
+    own_entries, _ = own.teacher_entries("train", own.split()[0])
+    assert [e.cont for e in entries] != [e.cont for e in own_entries]
+
+
+def test_generated_queries(tiny):
+    from softprompt.compress import generate_queries
+    from softprompt.compress.queries import PROBES
+
+    qs = generate_queries(tiny, CONTEXT, n=8, seed=0, max_new_tokens=8)
+    assert len(qs) == 8 and len({q.text for q in qs}) == 8
+    assert sum(q.text in PROBES for q in qs) >= 4
+    train, held = split_queries(qs, 0.25, seed=0)
+    assert len(held) == 2 and not set(q.text for q in train) & set(q.text for q in held)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_read_queries_formats_and_errors(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"question": "Who?", "answers": ["Ada"]}\n\n{"query": "When?"}\n')
+    qs = read_queries(p)
+    assert [q.text for q in qs] == ["Who?", "When?"] and qs[0].answers == ("Ada",) and qs[1].line == 3
+    (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        read_queries(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="empty"):
+        read_queries(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        read_queries(tmp_path / "missing.txt")
+    with pytest.raises(SoftPromptError, match="at least 2 queries"):
+        split_queries([Query("one")])
+
+
+def _cli(args, capsys):
+    from softprompt.cli import main
+
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_bad_input(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q.txt"
+    q.write_text("\n".join(QUERIES) + "\n")
+    common = ["compress", "--model", str(tiny_dir), "--device", "cpu", "--quiet", "--steps", "2", "--max-new-tokens", "4"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    rc, _, err = _cli(common + ["--context", str(empty), "--queries", str(q), "--out", str(tmp_path / "o1")], capsys)
+    assert rc == 2 and "context is empty" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli(common + ["--context", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "does not exist" in err
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 400)  # the tiny model's window is 256 positions
+    rc, _, err = _cli(common + ["--context", str(long), "--queries", str(q), "--out", str(tmp_path / "o3")], capsys)
+    assert rc == 2 and "window of 256" in err and "shorten the context" in err
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    rc, _, err = _cli(common + ["--context", str(ctx), "--queries", str(empty), "--out", str(tmp_path / "o4")], capsys)
+    assert rc == 2 and "queries file is empty" in err
+    rc, _, err = _cli(common + ["--context", str(ctx), "--queries", str(tmp_path), "--out", str(tmp_path / "o5")], capsys)
+    assert rc == 2 and "directory" in err
+    short = tmp_path / "short.txt"
+    short.write_text("Ada built it.")
+    rc, out, err = _cli(common + ["--context", str(short), "--queries", str(q), "--tokens", "8", "--out", str(tmp_path / "o6")], capsys)
+    assert rc == 0 and "warning" in err and "nothing to compress" in err
+    assert "soft prompt" in out and (tmp_path / "o6" / "compression_report.json").exists()
+    rc, _, err = _cli(common + ["--context", str(ctx), "--queries", str(q), "--out", str(tmp_path / "o6")], capsys)
+    assert rc == 2 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_smollm2_soft_prompt_beats_no_context(smollm2, tmp_path):
+    qs = [Query(q) for q in QUERIES + ["Where are the cliffs?", "What leaves at dawn?"]]
+    res = compress(CONTEXT, CompressConfig(tokens=8, steps=30, batch_size=4, max_new_tokens=12, lr=0.05, bf16=True,
+                                           timing_repeats=1, heldout=0.3), qs, tmp_path / "p", base=smollm2, progress=False)
+    fid = res.report["fidelity"]
+    assert fid["soft"]["kl_per_token"] < fid["none"]["kl_per_token"]
+    assert res.report["cost"]["full"]["kv_bytes"] > 2 * res.report["cost"]["soft"]["kv_bytes"]
