@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.hash_key is not None:
         print(hash_key(args.hash_key))
         return 0
+    if args.bf16:
+        raise SoftPromptError("serve runs in the model's own precision; --bf16 is not supported here yet")
     if not args.prompts:
         raise SoftPromptError("serve needs --prompts DIR (a directory of prompt artifacts)")
     for flag in ("max_batch", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
