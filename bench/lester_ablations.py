@@ -119,7 +119,7 @@ def write_results(out: Path, env: dict, reference: dict, runs: list[dict], lengt
     atomic_write_json(out / "lester_ablations.json", {"env": env, "hand_written": reference, "runs": runs})
 
     md = ["# Prompt length x initialization (Lester et al. 2021, in spirit): SmolLM2-135M on SST-2", ""]
-    md += [f"- {k}: {v}" for k, v in env.items()]
+    md += [f"- {k}: {v!r}" if isinstance(v, str) and "\n" in v else f"- {k}: {v}" for k, v in env.items()]
     md += ["", "Dev accuracy (label ranking; 95% bootstrap interval in brackets) after the fixed budget:", "",
            "| length | " + " | ".join(inits) + " |", "|---" * (len(inits) + 1) + "|"]
     for n in lengths:
