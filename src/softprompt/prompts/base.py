@@ -80,6 +80,36 @@ class SoftPrompt(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+class Materialized(SoftPrompt):
+    """A kind whose tensors are generated during training (by an encoder or a reparameterization)
+    and read from a materialized copy at inference. Subclasses implement :meth:`generate`; the copy
+    is made by :meth:`materialize` (at save, or by loading) and dropped when training resumes."""
+
+    def __init__(self, n_virtual: int, hidden_size: int):
+        super().__init__(n_virtual, hidden_size)
+        self.register_buffer("materialized", None, persistent=False)
+
+    def generate(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def table(self) -> torch.Tensor:
+        """The materialized copy in eval mode when there is one, else freshly generated."""
+        if self.materialized is not None and not self.training:
+            return self.materialized
+        return self.generate()
+
+    def materialize(self) -> torch.Tensor:
+        with torch.no_grad():
+            table = self.generate().detach().clone()
+        self.materialized = table
+        return table
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.materialized = None
+        return super().train(mode)
+
+
 def base_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """Inputs for the bare base model (no prompt); ids must hold no slot markers."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

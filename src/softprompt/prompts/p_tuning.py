@@ -14,7 +14,7 @@ from torch import nn
 
 from softprompt.errors import SoftPromptError
 from softprompt.prompts import register
-from softprompt.prompts.base import SoftPrompt
+from softprompt.prompts.base import Materialized
 
 ENCODERS = ("lstm", "mlp")
 
@@ -40,7 +40,7 @@ class _MLPEncoder(nn.Module):
 
 
 @register
-class PTuning(SoftPrompt):
+class PTuning(Materialized):
     kind = "p-tuning"
 
     def __init__(self, n_virtual: int, hidden_size: int, encoder: str = "lstm", encoder_hidden: int | None = None,
@@ -59,7 +59,6 @@ class PTuning(SoftPrompt):
         last = self.encoder.mlp[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        self.register_buffer("materialized", None, persistent=False)
 
     @classmethod
     def create(cls, n_virtual: int, base, init: torch.Tensor, options: dict | None = None) -> "PTuning":
@@ -69,24 +68,11 @@ class PTuning(SoftPrompt):
             raise SoftPromptError(f"unknown p-tuning option(s): {', '.join(sorted(unknown))}")
         return cls(n_virtual, base.hidden_size, init=init, **options)
 
-    def vectors(self) -> torch.Tensor:
-        if self.materialized is not None and not self.training:
-            return self.materialized
+    def generate(self) -> torch.Tensor:
         return self.embeddings + self.encoder(self.embeddings)
 
-    def materialize(self) -> torch.Tensor:
-        with torch.no_grad():
-            was = self.training
-            self.train(True)
-            table = self.vectors().detach().clone()
-            self.train(was)
-        self.materialized = table
-        return table
-
-    def train(self, mode: bool = True) -> "PTuning":
-        if mode:
-            self.materialized = None
-        return super().train(mode)
+    def vectors(self) -> torch.Tensor:
+        return self.table()
 
     def config(self) -> dict:
         return {"n_virtual": self.n_virtual, "encoder": self.encoder_type, "encoder_hidden": self.encoder_hidden,

@@ -18,7 +18,7 @@ from torch import nn
 
 from softprompt.errors import SoftPromptError
 from softprompt.prompts import register
-from softprompt.prompts.base import SoftPrompt
+from softprompt.prompts.base import Materialized
 
 KV_KEY = "prefix_key_values"
 
@@ -64,7 +64,7 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
 
 
 @register
-class PrefixTuning(SoftPrompt):
+class PrefixTuning(Materialized):
     kind = "prefix"
     input_level = False
 
@@ -75,7 +75,6 @@ class PrefixTuning(SoftPrompt):
         self.shape = (num_layers, 2, kv_heads, n_virtual, head_dim)
         self.reparam = reparam
         self.reparam_hidden = reparam_hidden or hidden_size
-        self.register_buffer("materialized", None, persistent=False)
         if reparam:
             emb = torch.randn(n_virtual, hidden_size) * 0.02 if init is None else init.detach().clone().float()
             if emb.shape != (n_virtual, hidden_size):
@@ -106,8 +105,9 @@ class PrefixTuning(SoftPrompt):
     # -- the keys and values -----------------------------------------------------------------------
     def key_values(self) -> torch.Tensor:
         """``[layers, 2, kv_heads, n, head_dim]``."""
-        if self.materialized is not None and not self.training:
-            return self.materialized
+        return self.table()
+
+    def generate(self) -> torch.Tensor:
         if not self.reparam:
             return self.kv
         flat = self.net(self.embedding)  # [n, L*2*H*D]
@@ -116,20 +116,6 @@ class PrefixTuning(SoftPrompt):
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         kv = self.key_values()
         return [(kv[i, 0], kv[i, 1]) for i in range(self.num_layers)]
-
-    def materialize(self) -> torch.Tensor:
-        with torch.no_grad():
-            was = self.training
-            self.train(True)
-            kv = self.key_values().detach().clone()
-            self.train(was)
-        self.materialized = kv
-        return kv
-
-    def train(self, mode: bool = True) -> "PrefixTuning":
-        if mode:
-            self.materialized = None
-        return super().train(mode)
 
     def cache(self, model: nn.Module, batch_size: int):
         """A fresh DynamicCache holding the prefix for ``batch_size`` rows (the model appends to it)."""
