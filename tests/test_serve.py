@@ -143,14 +143,17 @@ def base_reference(base, ids: list[int], params: SamplingParams) -> str:
 
 # -- the engine alone -------------------------------------------------------------------------------
 @pytest.mark.parametrize("cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
-def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache):
+@pytest.mark.parametrize("budget", [512, 7], ids=["whole-prompts", "chunked-prefill"])
+def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache, budget):
     """One batch holds every kind (prompt tuning, hybrid, P-tuning, prefix), chat and plain formats,
-    prefixes of different lengths, and bare-model rows; greedy output equals each run alone."""
+    prefixes of different lengths, and bare-model rows; greedy output equals each run alone. With a
+    budget of 7 tokens per forward, prompts are prefilled in chunks across forwards while other
+    rows decode."""
     registry = Registry(base, prompts_dir)
     registry.scan()
     # A batch of 6 slots and different lengths: rows finish at different steps and newcomers join a
     # running batch whose keys/values are wider or narrower than theirs.
-    engine = Engine(base, PrefixCache(enabled=cache), max_batch=6)
+    engine = Engine(base, PrefixCache(enabled=cache), max_batch=6, max_batch_tokens=budget)
     jobs = [(n, t) for n in A_PROMPTS for t in TEXTS]
     results: dict[int, tuple] = {}
     for i, (name, text) in enumerate(jobs):
@@ -167,6 +170,7 @@ def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache):
         time.sleep(0.01)
     engine.stop()
     assert engine.joins > 0 and engine.metrics.batch_rows_total > engine.metrics.forwards["decode"]
+    assert engine.metrics.forwards["mixed"] > 0  # newcomers' prompts ran in the same forwards as decoding rows
     for i, (name, text) in enumerate(jobs):
         params = SamplingParams(max_new_tokens=3 + (i * 5) % 11)
         want = (base_reference(base, base.tokenizer(text).input_ids, params) if name == "base"
@@ -554,7 +558,9 @@ def test_prefix_copied_from_a_prefill_equals_a_separate_materialization(base, pr
     for i, name in enumerate(names):
         lp = registry.get(name)
         engine._waiting.append(Request(str(i), lp, lp.fmt.prompt_ids(lp.example(TEXTS[i])), SamplingParams(2), lambda ev: None))
-    engine._prefill([engine._waiting.popleft() for _ in names])
+    engine._admit([engine._waiting.popleft() for _ in names])
+    engine._step()
+    assert all(r.pending is None for r in engine.rows)
     for name in names:
         lp = registry.get(name)
         got, want = engine.cache.get(lp.hash), materialize(base.model, lp.prompt, lp.prefix_ids)
@@ -562,3 +568,43 @@ def test_prefix_copied_from_a_prefill_equals_a_separate_materialization(base, pr
         for k1, k2, v1, v2 in zip(got.keys, want.keys, got.values, want.values):
             torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_serves_with_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny_dir, prompts_dir):
+    """`softprompt serve` end to end in its own process: the engine loop runs in the main thread and
+    uvicorn in a thread; a streamed completion equals generate alone; SIGTERM shuts down cleanly."""
+    import signal
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(tiny_dir), "--prompts", str(prompts_dir),
+                             "--port", str(port), "--max-batch", "4", "--max-batch-tokens", "8", "--watch-interval", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        text = "".join(c.choices[0].text for c in client.completions.create(model="pt", prompt=TEXTS[3], max_tokens=6,
+                                                                            temperature=0, stream=True) if c.choices)
+        base = load_base(str(tiny_dir), device="cpu")
+        registry = Registry(base, prompts_dir)
+        registry.scan()
+        assert text == reference(base, registry, "pt", TEXTS[3], SamplingParams(max_new_tokens=6))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_cli_refuses_a_token_budget_below_the_batch(tmp_path):
+    r = _cli("serve", "--prompts", str(tmp_path), "--max-batch", "8", "--max-batch-tokens", "4")
+    assert r.returncode == 2 and "--max-batch-tokens" in r.stderr and "Traceback" not in r.stderr

@@ -20,6 +20,9 @@ def register(sub) -> None:
                                   "without it the API is open and the admin endpoints are off")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 of KEY for the keys file, and exit")
     p.add_argument("--max-batch", type=int, default=16, help="rows in one forward (default: 16)")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="new tokens in one forward: decoding rows plus prompt chunks (default: 512); a longer "
+                        "prompt is prefilled in chunks while the other rows keep decoding")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (default: 512)")
     p.add_argument("--max-input-tokens", type=int, default=2048, help="cap on a prompt's length in tokens")
@@ -44,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise SoftPromptError("serve runs in the model's own precision; --bf16 is not supported here yet")
     if not args.prompts:
         raise SoftPromptError("serve needs --prompts DIR (a directory of prompt artifacts)")
-    for flag in ("max_batch", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
+    if args.max_batch_tokens < args.max_batch:
+        raise SoftPromptError("--max-batch-tokens must be at least --max-batch (every running row decodes a token "
+                              "in each forward)")
+    for flag in ("max_batch", "max_batch_tokens", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
         if getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
     import torch
@@ -65,11 +71,42 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry(base, args.prompts, budget_bytes=int(args.prompt_memory_mb * 2**20))
     limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes)
     server = Server(base, registry, auth, limits, max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_batch_tokens=args.max_batch_tokens,
                     prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
                     watch_interval=args.watch_interval or None)
     logging.getLogger("softprompt").setLevel(logging.INFO)
     if not auth.enabled:
         logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
                                                       args.host, args.port)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return _serve(server, uvicorn.Config(create_app(server), host=args.host, port=args.port,
+                                         log_level="info" if args.verbose else "warning"))
+
+
+def _serve(server, config) -> int:
+    """HTTP in a thread, the engine in this (main) thread: the thread that loaded the model keeps
+    torch's CPU workers to itself (see Engine.run)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from softprompt.errors import SoftPromptError
+
+    server.engine_thread = False
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, name="softprompt-http", daemon=True)
+
+    def on_signal(signum, frame) -> None:
+        web.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread.start()
+    try:
+        server.engine.run(should_stop=lambda: web.should_exit or not thread.is_alive())
+    finally:
+        web.should_exit = True
+        thread.join(timeout=30)
+    if not web.started:
+        raise SoftPromptError(f"the HTTP server did not start on {config.host}:{config.port} (see the log above)")
     return 0

@@ -16,7 +16,7 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}  # (endpoint, status) -> count
         self.tokens_out = 0
         self.tokens_in = 0
-        self.forwards = {"prefill": 0, "decode": 0}
+        self.forwards = {"prefill": 0, "decode": 0, "mixed": 0}  # mixed: decode rows and prompt chunks together
         self.batch_size = 0
         self.queue_length = 0
         self.batch_rows_total = 0
