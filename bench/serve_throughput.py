@@ -7,7 +7,10 @@ Every request is greedy with the same ``max_tokens``; output tokens are counted 
 output (the server's usage, the baseline's generated ids up to end-of-sequence). Outputs of the two
 sides are compared too (greedy: they should agree).
 
-    python bench/serve_throughput.py [--quick] [--requests 64] [--max-tokens 32] [--clients 16]
+    python bench/serve_throughput.py [--quick] [--requests 64] [--max-tokens 32] [--clients 16] [--bf16]
+
+With ``--bf16`` both sides run bf16 weights (the naive model converted the same way ``serve --bf16``
+converts its own), and the results go to ``serve_throughput_bf16.*``.
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def free_port() -> int:
 
 
 def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, clients: int, cache: bool,
-               max_batch: int, threads: int) -> tuple[dict, list[str], dict]:
+               max_batch: int, threads: int, bf16: bool = False) -> tuple[dict, list[str], dict]:
     import httpx
     import openai
 
@@ -138,6 +141,8 @@ def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, c
            "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients), "--watch-interval", "0"]
     if not cache:
         cmd.append("--no-prefix-cache")
+    if bf16:
+        cmd.append("--bf16")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -207,15 +212,15 @@ def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, c
                             "softprompt_forward_total", "softprompt_batch_rows_total")):
             key, value = line.rsplit(" ", 1)
             scraped[key] = float(value)
-    decode = scraped.get('softprompt_forward_total{phase="decode"}', 0)
-    prefill = scraped.get('softprompt_forward_total{phase="prefill"}', 0)
-    summary["mean_rows_per_forward"] = scraped.get("softprompt_batch_rows_total", 0) / max(decode + prefill, 1)
+    forwards = sum(v for k, v in scraped.items() if k.startswith("softprompt_forward_total"))
+    summary["forwards"] = forwards
+    summary["mean_rows_per_forward"] = scraped.get("softprompt_batch_rows_total", 0) / max(forwards, 1)
     summary["cache_hits"] = scraped.get("softprompt_prefix_cache_hits_total", 0)
     summary["cache_misses"] = scraped.get("softprompt_prefix_cache_misses_total", 0)
     return summary, [r[0] for r in rows], scraped
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, weights: str = "fp32") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.set_ylabel("seconds")
     b.legend()
     b.set_title("Latency")
-    fig.suptitle("SmolLM2-135M, 16 soft prompts, CPU")
+    fig.suptitle(f"SmolLM2-135M, 16 soft prompts, CPU, {weights} weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -245,9 +250,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for both sides (default 1: on a CPU shared with other busy processes, "
-                         "multi-threaded matmuls stall on descheduled threads)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch CPU threads for both sides (default: all cores; use 1 on a CPU shared with other "
+                         "busy processes, where multi-threaded matmuls stall on descheduled threads)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights on both sides")
     ap.add_argument("--no-save", action="store_true", help="print only (the --quick run never overwrites results)")
     args = ap.parse_args()
     if args.quick:
@@ -264,16 +270,18 @@ def main() -> None:
     base = load_base("smollm2", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         prompt_dir = Path(tmp)
-        names = make_prompts(base, prompt_dir)
+        names = make_prompts(base, prompt_dir)  # fp32 artifacts, as training writes them
+        if args.bf16:
+            base.model.to(torch.bfloat16)
         texts = inputs(args.requests)
         jobs = [(names[i % N_PROMPTS], texts[i]) for i in range(args.requests)]
         print(f"{args.requests} requests over {N_PROMPTS} prompts, max_tokens={args.max_tokens}, greedy; "
               f"torch threads={torch.get_num_threads()}", flush=True)
         naive, naive_texts = run_naive(base, prompt_dir, jobs, args.max_tokens)
         print(f"naive done: {naive['tokens_per_s']:.1f} tok/s", flush=True)
-        on, on_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, True, args.max_batch, args.threads)
+        on, on_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, True, args.max_batch, args.threads, args.bf16)
         print(f"server (cache on) done: {on['tokens_per_s']:.1f} tok/s", flush=True)
-        off, off_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, False, args.max_batch, args.threads)
+        off, off_texts, _ = run_server(prompt_dir, jobs, args.max_tokens, args.clients, False, args.max_batch, args.threads, args.bf16)
         print(f"server (cache off) done: {off['tokens_per_s']:.1f} tok/s", flush=True)
     rows = [naive, on, off]
     for r in rows:
@@ -283,7 +291,7 @@ def main() -> None:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "requests": args.requests,
            "max_tokens": args.max_tokens, "clients": args.clients, "max_batch": args.max_batch, "prompts": N_PROMPTS,
-           "quick": args.quick}
+           "quick": args.quick, "weights": "bf16" if args.bf16 else "fp32"}
     head = f"| config | tok/s | x naive | p50 s | p99 s | TTFT p50 s | TTFT p99 s | rows/forward |"
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -295,17 +303,18 @@ def main() -> None:
     if args.quick or args.no_save:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_throughput.json").write_text(json.dumps(
+    stem = "serve_throughput_bf16" if args.bf16 else "serve_throughput"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"env": env, "results": rows, "agreement_with_naive": {"cache_on": agree_on, "cache_off": agree_off}}, indent=2) + "\n")
-    md = ["# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU)", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
+    md = [f"# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU, {env['weights']} weights)", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
     md += lines + ["", f"Greedy outputs identical to the naive baseline's: {agree_on:.0%} (cache on), {agree_off:.0%} (cache off).",
                    "", "Naive latency is each request's own service time (requests run one after another, no queueing); "
                    "server latency includes queueing behind the other 15 clients.",
                    f"Throughput ratio, server with prefix cache vs naive: {on['speedup_vs_naive']:.2f}x; "
-                   f"prefix cache on vs off: {on['tokens_per_s'] / off['tokens_per_s']:.2f}x.", "", "![plot](serve_throughput.png)"]
-    (RESULTS / "serve_throughput.md").write_text("\n".join(md) + "\n")
-    plot(rows, RESULTS / "serve_throughput.png")
-    print(f"saved {RESULTS / 'serve_throughput.json'}, .md, .png")
+                   f"prefix cache on vs off: {on['tokens_per_s'] / off['tokens_per_s']:.2f}x.", "", f"![plot]({stem}.png)"]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    plot(rows, RESULTS / f"{stem}.png", env["weights"])
+    print(f"saved {RESULTS / stem}.json, .md, .png")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ def register(sub) -> None:
                                    "subdirectory) over an OpenAI-compatible HTTP API, with continuous batching and a "
                                    "KV-prefix cache. See docs/serving.md.")
     add_model_args(p)
+    for action in p._actions:
+        if action.dest == "bf16":
+            action.help = "serve with bf16 weights, converted once at load (AMX on recent CPUs; outputs may differ slightly from fp32)"
     p.add_argument("--prompts", help="directory of prompt artifact directories (watched for changes)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -43,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     if args.hash_key is not None:
         print(hash_key(args.hash_key))
         return 0
-    if args.bf16:
-        raise SoftPromptError("serve runs in the model's own precision; --bf16 is not supported here yet")
     if not args.prompts:
         raise SoftPromptError("serve needs --prompts DIR (a directory of prompt artifacts)")
     if args.max_batch_tokens < args.max_batch:
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     auth = Auth.from_file(args.keys) if args.keys else Auth()
     base = load_base(args.model, device=args.device)
+    if args.bf16:  # serving converts the weights once (autocast would re-cast every weight in every forward)
+        base.model.to(torch.bfloat16)
     registry = Registry(base, args.prompts, budget_bytes=int(args.prompt_memory_mb * 2**20))
     limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes)
     server = Server(base, registry, auth, limits, max_batch=args.max_batch, max_queue=args.max_queue,

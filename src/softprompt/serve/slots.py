@@ -56,7 +56,8 @@ class Plan:
                 width = max(self.decode_cols) + 1
                 c["dec_slots"], c["dec_cols"], c["dec_width"] = slots, cols, width
                 c["dec_contiguous"] = self.decode_slots == list(range(n))
-                c["dec_mask"] = (torch.arange(width, device=dev) <= cols[:, None])[:, None, None, :]
+                keep = (torch.arange(width, device=dev) <= cols[:, None])[:, None, None, :]
+                c["dec_bias"] = torch.zeros(keep.shape, device=dev).masked_fill(~keep, float("-inf"))
             masks = []
             for ch in self.chunks:
                 q = torch.arange(ch.start, ch.start + ch.n, device=dev)
@@ -187,7 +188,11 @@ class SlotKV:
             else:
                 k, v = K[t["dec_slots"], :, :w], V[t["dec_slots"], :, :w]
             q = query[0, :, :n].transpose(0, 1).reshape(n, self.kv_heads, G, D)  # groups as query positions
-            o = sdpa(q.to(k.dtype), k, v, attn_mask=t["dec_mask"], scale=scaling)
+            # One query per row: plain batched matmuls beat the fused kernel's overhead here (measured
+            # 130 vs 200 us per layer for 16 rows on CPU).
+            scale = scaling if scaling is not None else D ** -0.5
+            scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)).float() * scale + t["dec_bias"]
+            o = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
             out[0, :n] = o.reshape(n, H, D).to(out.dtype)
         off = n
         for ch, mask in zip(plan.chunks, t["chunk_masks"]):
