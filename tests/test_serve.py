@@ -226,16 +226,29 @@ def test_completion_equals_generate_with_usage(live, base):
         assert r.usage.completion_tokens <= 6 and r.object == "text_completion" and r.model == name
 
 
-def test_chat_uses_last_user_message_and_base_uses_chat_template(live, base):
+def test_chat_conversation_precedes_the_template_turn_and_base_uses_chat_template(live, base):
+    """Earlier turns go through the chat template before the last user message, which fills the
+    prompt's template (soft tokens included); the answer equals generate alone on those ids."""
     c = live.client()
+    tok = base.tokenizer
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "the movie was bad"}]
     r = c.chat.completions.create(model="pt", messages=msgs, max_tokens=7, temperature=0)
-    assert r.choices[0].message.content == reference(base, live.server.registry, "pt", "the movie was bad", SamplingParams(7))
+    lp = live.server.registry.get("pt")
+    ids = lp.fmt.prompt_ids(lp.example("the movie was bad"), msgs[:-1])
+    first_soft = next(k for k, i in enumerate(ids) if i < 0)
+    before = tok.decode(ids[:first_soft])
+    assert "be brief" in before and "first" in before and "ok" in before  # the history, before the soft tokens
+    assert "the movie was bad" in tok.decode([i for i in ids[first_soft:] if i >= 0])
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    want = tok.decode(generate_ids(base.model, lp.prompt, batch, SamplingParams(7), base.eos_ids())[0], skip_special_tokens=True)
+    assert r.choices[0].message.content == want and r.usage.prompt_tokens == len(ids)
     assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    # A one-message conversation is exactly the template's prompt.
+    one = c.chat.completions.create(model="pt", messages=msgs[-1:], max_tokens=7, temperature=0)
+    assert one.choices[0].message.content == reference(base, live.server.registry, "pt", "the movie was bad", SamplingParams(7))
     r = c.chat.completions.create(model="base", messages=msgs, max_completion_tokens=7, temperature=0)
-    ids = base.tokenizer(base.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False).input_ids
+    ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
     assert r.choices[0].message.content == base_reference(base, ids, SamplingParams(7))
     assert r.usage.prompt_tokens == len(ids)
 
@@ -343,6 +356,9 @@ def test_bad_completion_requests_are_400(live, body, param):
     ({"model": "pt", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"model": "pt", "messages": [{"role": "system", "content": "only a system message"}]}, "messages"),
     ({"model": "pt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "max_tokens"),
+    ({"model": "pt", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages.1.role"),
+    ({"model": "pt-plain", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                        {"role": "user", "content": "c"}]}, "messages"),
 ])
 def test_bad_chat_requests_are_400(live, body, param):
     err = _err(httpx.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body), 400)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from softprompt.errors import TemplateError
@@ -267,3 +267,27 @@ def test_corrupted_templates_fail_cleanly(t, at, char):
         parse(source)
     except TemplateError as e:
         assert 0 <= e.position < len(source)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["a", " ", "0", "1", "\ue000", "\ue001", "é", "\n"]), max_size=30),
+       st.text(alphabet=st.sampled_from(["b", "0", "\ue000", "\ue001"]), max_size=10))
+@example("x \ue0000\ue001 y", "\ue0001\ue001")
+def test_no_input_text_places_a_soft_token(smollm2_tokenizer, text, turn):
+    """Field values and chat turns cannot contain slot markers: the prompt holds exactly the
+    template's soft tokens whatever the text."""
+    from softprompt.encoding import PromptFormat
+    from softprompt.examples import Example
+
+    for chat in (True, False):
+        fmt = PromptFormat(smollm2_tokenizer, parse_template("[soft:2] {input} [soft:1]"), chat=chat)
+        history = [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}] if chat else None
+        ids = fmt.prompt_ids(Example({"input": text}), history)
+        assert sum(i < 0 for i in ids) == 3
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -15,6 +15,12 @@ IGNORE = -100
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
+def _plain(text: str) -> str:
+    """Text from outside (field values, chat turns) without the private-use characters that mark
+    soft slots, so no input can place a soft token."""
+    return text.replace("\ue000", "").replace("\ue001", "")
+
+
 @dataclass
 class Encoded:
     ids: list[int]  # negative entries are slot markers
@@ -55,16 +61,21 @@ class PromptFormat:
                     have = ", ".join(sorted(example.fields)) or "none"
                     raise DataError(f"template field {{{seg.name}}} is missing (fields present: {have})",
                                     example.source, example.line)
-                parts.append(example.fields[seg.name])
+                parts.append(_plain(example.fields[seg.name]))
             elif isinstance(seg, Soft):
                 parts.append(f"\ue000{k}\ue001")
                 k += 1
         return "".join(parts)
 
-    def _wrap(self, text: str) -> str:
+    def _wrap(self, text: str, history: list[dict] | None = None) -> str:
         if not self.chat:
+            if history:
+                raise SoftPromptError("this prompt's format is plain text, not a chat template: it takes a single "
+                                      "message (the text for its template), not a conversation")
             return text
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": text}]
+        msgs = ([{"role": "system", "content": self.system}] if self.system else [])
+        msgs += [{"role": m["role"], "content": _plain(m["content"])} for m in history or []]
+        msgs.append({"role": "user", "content": text})
         return self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     def _tokenize(self, text: str) -> list[int]:
@@ -79,8 +90,11 @@ class PromptFormat:
             ids += self.tok(text[pos:], add_special_tokens=False).input_ids
         return ids
 
-    def prompt_ids(self, example: Example) -> list[int]:
-        text = self._wrap(self.render(example))
+    def prompt_ids(self, example: Example, history: list[dict] | None = None) -> list[int]:
+        """Token ids (slot markers negative) of the prompt for ``example``. With a chat template,
+        ``history`` (``{"role", "content"}`` turns) goes between the format's system prompt and the
+        final user message, which is the rendered template."""
+        text = self._wrap(self.render(example), history)
         ids = self._tokenize(text)
         if not self.chat:
             ids = self._bos + ids

@@ -404,15 +404,28 @@ def create_app(server: Server) -> FastAPI:
         if lp is None:
             msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
             if getattr(tok, "chat_template", None):
-                text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                try:
+                    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                except Exception as e:  # noqa: BLE001 - jinja templates raise on conversations they refuse
+                    raise APIError(400, f"the chat template refused this conversation: {e}", param="messages") from None
                 ids = tok(text, add_special_tokens=False).input_ids
             else:
                 ids = tok("\n".join(m["content"] for m in msgs)).input_ids
         else:
+            # The last message fills the prompt's template; earlier turns come before it, after the
+            # format's own system prompt (a soft prompt's template is one user turn).
+            last = body.messages[-1]
+            if last.role != "user":
+                raise APIError(400, f"the last message must be the user's (it fills prompt {body.model!r}'s template), "
+                                    f"not {last.role!r}", param=f"messages.{len(body.messages) - 1}.role")
+            history = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                       for m in body.messages[:-1]]
             try:
-                ids = lp.fmt.prompt_ids(lp.example(users[-1].text()))
+                ids = lp.fmt.prompt_ids(lp.example(last.text()), history)
             except SoftPromptError as e:
                 raise APIError(400, str(e), param="messages") from None
+            except Exception as e:  # noqa: BLE001 - a chat template may refuse a conversation (jinja raise_exception)
+                raise APIError(400, f"the chat template refused this conversation: {e}", param="messages") from None
         check_ids(ids, "messages")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
