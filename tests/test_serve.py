@@ -253,6 +253,29 @@ def test_chat_conversation_precedes_the_template_turn_and_base_uses_chat_templat
     assert r.usage.prompt_tokens == len(ids)
 
 
+def test_n_choices_are_rows_of_their_own(live, base):
+    """n choices: choice i of a seeded request equals a single request with seed + i; the prompt is
+    counted once in usage; a greedy stream of n choices carries each one under its index."""
+    c = live.client()
+    many = c.completions.create(model="ptune", prompt="hello there", max_tokens=6, temperature=0.9, seed=7, n=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    singles = [c.completions.create(model="ptune", prompt="hello there", max_tokens=6, temperature=0.9, seed=7 + i)
+               for i in range(3)]
+    assert [ch.text for ch in many.choices] == [s.choices[0].text for s in singles]
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    texts, usage = {0: "", 1: ""}, None
+    for ch in c.chat.completions.create(model="pt", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                        temperature=0, n=2, stream=True, stream_options={"include_usage": True}):
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+        usage = ch.usage or usage
+    want = reference(base, live.server.registry, "pt", "x", SamplingParams(5))
+    assert texts == {0: want, 1: want}
+    one = c.chat.completions.create(model="pt", messages=[{"role": "user", "content": "x"}], max_tokens=5, temperature=0)
+    assert usage.completion_tokens == 2 * one.usage.completion_tokens and usage.prompt_tokens == one.usage.prompt_tokens
+
+
 def test_streaming_completion_and_chat(live):
     c = live.client()
     whole = c.completions.create(model="prefix", prompt="hello there", max_tokens=10, temperature=0)
@@ -340,7 +363,8 @@ def test_auth_errors_and_tenant_isolation(live):
     ({"model": 3, "prompt": "x"}, "model"),
     ({"model": "pt", "prompt": "x", "temperature": 5}, "temperature"),
     ({"model": "pt", "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": "pt", "prompt": "x", "n": 3}, "n"),
+    ({"model": "pt", "prompt": "x", "n": 0}, "n"),
+    ({"model": "pt", "prompt": "x", "n": 17}, "n"),
     ({"model": "pt", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "pt", "prompt": "word " * 150}, "prompt"),
 ])

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ class Limits:
     max_body_bytes: int = 1 << 20  # cap on a generation request's body
     max_admin_body_bytes: int = 64 << 20  # cap on an admin upload
     max_stop: int = 4
+    max_n: int = 16  # cap on choices per request (each is a row of its own)
 
 
 class APIError(Exception):
@@ -232,8 +233,9 @@ def create_app(server: Server) -> FastAPI:
         return lp
 
     def sampling(body: _Body, max_tokens: int | None, prompt_len: int) -> SamplingParams:
-        if body.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
+        n = 1 if body.n is None else body.n
+        if not 1 <= n <= limits.max_n:
+            raise APIError(400, f"n must be between 1 and {limits.max_n} (got {n})", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1 (got {max_tokens})", param="max_tokens")
         if max_tokens is not None and max_tokens > limits.max_tokens:
@@ -269,83 +271,101 @@ def create_app(server: Server) -> FastAPI:
 
     async def run(request: Request, body: _Body, lp: LoadedPrompt | None, ids: list[int], params: SamplingParams,
                   chat: bool):
+        """Submit the request's ``n`` choices (one engine row each; a seeded request gives choice ``i``
+        the seed ``seed + i``) and answer with one body or one event stream for all of them."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        req = GenRequest(rid, lp, ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        n = body.n or 1
+        reqs = [GenRequest(rid if n == 1 else f"{rid}-{i}", lp, ids,
+                           replace(params, seed=None if params.seed is None else params.seed + i),
+                           lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
+                for i in range(n)]
         try:
-            engine.submit(req)
+            engine.submit_all(reqs)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         server.metrics.tokens_in += len(ids)
         created = int(time.time())
+
+        def cancel() -> None:
+            for r in reqs:
+                engine.cancel(r.id)
+
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(queue, rid, body.model, created, chat, include_usage),
+            return StreamingResponse(_stream(queue, n, cancel, rid, body.model, created, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts: list[str] = []
+        parts: list[list[str]] = [[] for _ in range(n)]
+        done: dict[int, tuple] = {}
         try:
-            while True:
+            while len(done) < n:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        engine.cancel(rid)
+                        cancel()
                         return JSONResponse({}, status_code=499)
                     continue
                 if ev[0] == "delta":
-                    parts.append(ev[1])
+                    parts[i].append(ev[1])
                 elif ev[0] == "error":
+                    cancel()
                     raise APIError(500, ev[1], "server_error")
                 else:
-                    break
+                    done[i] = ev
         except asyncio.CancelledError:
-            engine.cancel(rid)
+            cancel()
             raise
-        _, reason, usage = ev
-        text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-                  if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        choices = []
+        for i in range(n):
+            text, reason = "".join(parts[i]), done[i][1]
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                            "logprobs": None} if chat else
+                           {"index": i, "text": text, "finish_reason": reason, "logprobs": None})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": [choice], "usage": _usage(usage)}
+                "model": body.model, "choices": choices, "usage": _usage([done[i][2] for i in range(n)])}
 
-    async def _stream(queue: asyncio.Queue, rid: str, model: str, created: int, chat: bool, include_usage: bool):
+    async def _stream(queue: asyncio.Queue, n: int, cancel, rid: str, model: str, created: int, chat: bool,
+                      include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, reason: str | None = None, first: bool = False) -> str:
+        def chunk(i: int, delta: str | None, reason: str | None = None, first: bool = False) -> str:
             if chat:
                 d = ({"role": "assistant", "content": ""} if first else ({"content": delta} if delta is not None else {}))
-                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "delta": d, "finish_reason": reason, "logprobs": None}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": None}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
                                           "choices": [choice]}) + "\n\n"
 
         finished = False
+        usages: dict[int, dict] = {}
         try:
             if chat:
-                yield chunk(None, first=True)
-            while True:
-                ev = await queue.get()
+                for i in range(n):
+                    yield chunk(i, None, first=True)
+            while len(usages) < n:
+                i, ev = await queue.get()
                 if ev[0] == "delta":
-                    yield chunk(ev[1])
+                    yield chunk(i, ev[1])
                 elif ev[0] == "error":
                     finished = True
                     err = {"message": ev[1], "type": "server_error", "param": None, "code": None}
                     yield "data: " + json.dumps({"error": err}) + "\n\n"
                     break
                 else:
-                    finished = True
-                    _, reason, usage = ev
-                    yield chunk(None, reason)
-                    if include_usage:
-                        yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                                     "choices": [], "usage": _usage(usage)}) + "\n\n"
-                    break
+                    _, reason, usages[i] = ev
+                    yield chunk(i, None, reason)
+            else:
+                finished = True
+                if include_usage:
+                    yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                                 "choices": [], "usage": _usage([usages[i] for i in range(n)])}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away mid-stream: free its batch slot
-                engine.cancel(rid)
+            if not finished:  # the client went away mid-stream (or a choice failed): free the batch slots
+                cancel()
 
     # -- routes ------------------------------------------------------------------------------------
     @app.get("/health")
@@ -483,9 +503,13 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def _usage(u: dict) -> dict:
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+def _usage(per_choice: list[dict]) -> dict:
+    """OpenAI usage for a request's choices: the prompt counted once, the completions summed."""
+    first = per_choice[0]
+    completion = sum(u["completion_tokens"] for u in per_choice)
+    return {"prompt_tokens": first["prompt_tokens"], "completion_tokens": completion,
+            "total_tokens": first["prompt_tokens"] + completion,
+            "prompt_tokens_details": {"cached_tokens": first["cached_tokens"]}}
 
 
 def _model_card(name: str, server: Server) -> dict:

@@ -103,10 +103,14 @@ class Engine:
 
     # -- client side (any thread) ------------------------------------------------------------------
     def submit(self, req: Request) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue all of ``reqs`` or none of them (:class:`QueueFull`)."""
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
-            self._waiting.append(req)
+            self._waiting.extend(reqs)
             self.metrics.queue_length = len(self._waiting)
             self._cond.notify()
 
