@@ -93,3 +93,38 @@ def test_check_model_refuses_attention_that_ignores_the_interface(tiny, monkeypa
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", own_attention)
     with pytest.raises(SoftPromptError, match="differs from a plain forward"):
         check_model(tiny.model)
+
+
+def test_pools_grow_by_half_and_shrink_back(tiny):
+    kv = SlotKV.for_model(tiny.model, slots=2, capacity=64)
+    kv.reserve(70)
+    assert kv.capacity == 128 and kv.keys[0].shape[2] == 128  # max(70, 1.5 x 64) rounded up to 64
+    kv.reserve(129)
+    assert kv.capacity == 192
+    kv.shrink(64)
+    assert kv.capacity == 64 and all(t.shape[2] == 64 for t in kv.keys + kv.values)
+
+
+def test_engine_gives_long_request_memory_back_when_idle(tiny):
+    """One long request grows the pools; once no row runs they return to their initial size."""
+    import time
+
+    from softprompt.generate import SamplingParams
+    from softprompt.serve.engine import Engine, Request
+    from softprompt.serve.kv_cache import PrefixCache
+
+    engine = Engine(tiny, PrefixCache(), max_batch=2)
+    engine.kv.shrink(64)
+    engine.initial_capacity = 64
+    grown, done = [], []
+    ids = tiny.tokenizer(" ".join(["word"] * 120)).input_ids
+    engine.submit(Request("long", None, ids, SamplingParams(4), lambda ev: (grown.append(engine.kv.capacity),
+                                                                             ev[0] != "delta" and done.append(ev))))
+    engine.start()
+    deadline = time.time() + 60
+    while not done:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    engine.stop()
+    assert done[0][0] == "done" and max(grown) >= len(ids) + 1 > 64
+    assert engine.kv.capacity == 64

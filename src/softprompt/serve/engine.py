@@ -98,6 +98,7 @@ class Engine:
         self.rows: list[_Row] = []  # sorted by slot; slots 0..len(rows)-1 are in use
         check_model(self.model)
         self.kv = SlotKV.for_model(self.model, max_batch)
+        self.initial_capacity = self.kv.capacity
         self.joins = 0  # rows admitted while other rows were running (continuous batching at work)
         self.cancelled_rows = 0  # running rows dropped because their client went away
 
@@ -175,6 +176,8 @@ class Engine:
                 if self.rows:
                     self._step()
                     self._retire()
+                if not self.rows:
+                    self.kv.shrink(self.initial_capacity)  # one long request must not pin its memory
             except Exception as e:  # noqa: BLE001 - never let one bad step kill the server
                 log.exception("engine step failed")
                 for row in self.rows:

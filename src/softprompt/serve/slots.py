@@ -73,7 +73,7 @@ class SlotKV:
     store them where the current :class:`Plan` says, and :func:`attention` reads them back."""
 
     def __init__(self, n_layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, capacity: int = 128):
+                 device: torch.device | str, capacity: int = 256):
         self.n_layers, self.slots, self.kv_heads, self.head_dim = n_layers, slots, kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity = 0
@@ -84,7 +84,7 @@ class SlotKV:
         register()
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, slots: int, capacity: int = 128) -> "SlotKV":
+    def for_model(cls, model: torch.nn.Module, slots: int, capacity: int = 256) -> "SlotKV":
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -96,12 +96,21 @@ class SlotKV:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def reserve(self, columns: int) -> None:
-        """Make room for ``columns`` columns per slot (grows by doubling; keeps what is stored)."""
+        """Make room for ``columns`` columns per slot (grows by half at least, in steps of 64; keeps
+        what is stored)."""
         if columns <= self.capacity:
             return
-        cap = max(64, self.capacity)
-        while cap < columns:
-            cap *= 2
+        cap = -(-max(columns, self.capacity * 3 // 2) // 64) * 64
+        self._resize(cap)
+
+    def shrink(self, columns: int) -> None:
+        """Give memory back: pools of ``columns`` columns, contents dropped (call with no row running)."""
+        if self.capacity > columns:
+            self.capacity = 0
+            self.keys, self.values = [], []
+            self._resize(columns)
+
+    def _resize(self, cap: int) -> None:
         shape = (self.slots, self.kv_heads, cap, self.head_dim)
         old = self.capacity
         for pool in (self.keys, self.values):
