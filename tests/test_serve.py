@@ -276,6 +276,41 @@ def test_n_choices_are_rows_of_their_own(live, base):
     assert usage.completion_tokens == 2 * one.usage.completion_tokens and usage.prompt_tokens == one.usage.prompt_tokens
 
 
+def test_logprobs_equal_an_independent_forward(live, base):
+    """Completion logprobs: every generated token's logprob equals log-softmax of a plain forward
+    over prompt + completion (soft prompt in the embeddings); the greedy token is the top
+    alternative; tokens add up to the text."""
+    c = live.client()
+    r = c.completions.create(model="pt", prompt="the movie was bad", max_tokens=6, temperature=0, logprobs=3)
+    lpj = r.choices[0].logprobs
+    assert "".join(lpj.tokens) == r.choices[0].text and len(lpj.tokens) == r.usage.completion_tokens
+    lp = live.server.registry.get("pt")
+    ids = lp.fmt.prompt_ids(lp.example("the movie was bad"))
+    gen = generate_ids(base.model, lp.prompt, {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)},
+                       SamplingParams(6), base.eos_ids())[0]
+    full = torch.tensor([ids + gen])
+    with torch.no_grad():
+        logits = base.model(**lp.prompt.model_inputs(base.model, full, torch.ones_like(full))).logits[0]
+    want = torch.log_softmax(logits[len(ids) - 1:len(ids) - 1 + len(lpj.tokens)], -1)
+    for k, (token_lp, top) in enumerate(zip(lpj.token_logprobs, lpj.top_logprobs)):
+        assert abs(token_lp - float(want[k, gen[k]])) < 1e-4
+        assert len(top) == 3 and abs(max(top.values()) - token_lp) < 1e-6  # greedy: the chosen one is the best
+    assert lpj.text_offset == [sum(len(t) for t in lpj.tokens[:k]) for k in range(len(lpj.tokens))]
+    # Chat, streamed: one entry per generated token, with the requested alternatives.
+    content, entries = "", []
+    for ch in c.chat.completions.create(model="pt", messages=[{"role": "user", "content": "hello there"}], max_tokens=5,
+                                        temperature=0, logprobs=True, top_logprobs=2, stream=True,
+                                        stream_options={"include_usage": True}):
+        if ch.choices:
+            content += ch.choices[0].delta.content or ""
+            if ch.choices[0].logprobs is not None:
+                entries += ch.choices[0].logprobs.content
+        if ch.usage is not None:
+            assert len(entries) == ch.usage.completion_tokens
+    assert "".join(e.token for e in entries) == content
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
+
+
 def test_streaming_completion_and_chat(live):
     c = live.client()
     whole = c.completions.create(model="prefix", prompt="hello there", max_tokens=10, temperature=0)
@@ -365,6 +400,7 @@ def test_auth_errors_and_tenant_isolation(live):
     ({"model": "pt", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "pt", "prompt": "x", "n": 0}, "n"),
     ({"model": "pt", "prompt": "x", "n": 17}, "n"),
+    ({"model": "pt", "prompt": "x", "logprobs": 6}, "logprobs"),
     ({"model": "pt", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "pt", "prompt": "word " * 150}, "prompt"),
 ])
@@ -381,6 +417,7 @@ def test_bad_completion_requests_are_400(live, body, param):
     ({"model": "pt", "messages": [{"role": "system", "content": "only a system message"}]}, "messages"),
     ({"model": "pt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "max_tokens"),
     ({"model": "pt", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages.1.role"),
+    ({"model": "pt", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"model": "pt-plain", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                         {"role": "user", "content": "c"}]}, "messages"),
 ])

@@ -72,6 +72,7 @@ class _Body(Schema):
 
 class CompletionBody(_Body):
     prompt: str | list[str]
+    logprobs: int | None = None  # top alternatives per token (0..5); 0: the chosen token's only
     fields: dict[str, str] | None = None  # extension: values for the template's other fields
 
 
@@ -94,6 +95,8 @@ class Message(Schema):
 class ChatBody(_Body):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # 0..20, with logprobs
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ def create_app(server: Server) -> FastAPI:
         return ids
 
     async def run(request: Request, body: _Body, lp: LoadedPrompt | None, ids: list[int], params: SamplingParams,
-                  chat: bool):
+                  chat: bool, logprobs: int | None = None):
         """Submit the request's ``n`` choices (one engine row each; a seeded request gives choice ``i``
         the seed ``seed + i``) and answer with one body or one event stream for all of them."""
         loop = asyncio.get_running_loop()
@@ -279,7 +282,7 @@ def create_app(server: Server) -> FastAPI:
         n = body.n or 1
         reqs = [GenRequest(rid if n == 1 else f"{rid}-{i}", lp, ids,
                            replace(params, seed=None if params.seed is None else params.seed + i),
-                           lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
+                           lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)), logprobs=logprobs)
                 for i in range(n)]
         try:
             engine.submit_all(reqs)
@@ -294,9 +297,11 @@ def create_app(server: Server) -> FastAPI:
 
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(queue, n, cancel, rid, body.model, created, chat, include_usage),
+            return StreamingResponse(_stream(queue, n, cancel, rid, body.model, created, chat, include_usage,
+                                             None if logprobs is None else [TokenLog(tok, chat) for _ in range(n)]),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts: list[list[str]] = [[] for _ in range(n)]
+        logs = [TokenLog(tok, chat) for _ in range(n)]
         done: dict[int, tuple] = {}
         try:
             while len(done) < n:
@@ -309,6 +314,8 @@ def create_app(server: Server) -> FastAPI:
                     continue
                 if ev[0] == "delta":
                     parts[i].append(ev[1])
+                elif ev[0] == "token":
+                    logs[i].add(*ev[1:])
                 elif ev[0] == "error":
                     cancel()
                     raise APIError(500, ev[1], "server_error")
@@ -320,22 +327,24 @@ def create_app(server: Server) -> FastAPI:
         choices = []
         for i in range(n):
             text, reason = "".join(parts[i]), done[i][1]
+            lps = logs[i].take() if logprobs is not None else None
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                            "logprobs": None} if chat else
-                           {"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+                            "logprobs": lps} if chat else
+                           {"index": i, "text": text, "finish_reason": reason, "logprobs": lps})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model, "choices": choices, "usage": _usage([done[i][2] for i in range(n)])}
 
     async def _stream(queue: asyncio.Queue, n: int, cancel, rid: str, model: str, created: int, chat: bool,
-                      include_usage: bool):
+                      include_usage: bool, logs: list[TokenLog] | None = None):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(i: int, delta: str | None, reason: str | None = None, first: bool = False) -> str:
+            lps = logs[i].take() if logs is not None and not first else None  # the tokens behind this text
             if chat:
                 d = ({"role": "assistant", "content": ""} if first else ({"content": delta} if delta is not None else {}))
-                choice = {"index": i, "delta": d, "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "delta": d, "finish_reason": reason, "logprobs": lps}
             else:
-                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": lps}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
                                           "choices": [choice]}) + "\n\n"
 
@@ -349,6 +358,9 @@ def create_app(server: Server) -> FastAPI:
                 i, ev = await queue.get()
                 if ev[0] == "delta":
                     yield chunk(i, ev[1])
+                elif ev[0] == "token":
+                    if logs is not None:
+                        logs[i].add(*ev[1:])
                 elif ev[0] == "error":
                     finished = True
                     err = {"message": ev[1], "type": "server_error", "param": None, "code": None}
@@ -409,7 +421,9 @@ def create_app(server: Server) -> FastAPI:
                 raise APIError(400, f"{e} (send the template's other fields as 'fields')", param="fields") from None
         check_ids(ids, "prompt")
         params = sampling(body, body.max_tokens, len(ids))
-        return await run(request, body, lp, ids, params, chat=False)
+        if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+            raise APIError(400, f"logprobs must be between 0 and 5 (got {body.logprobs})", param="logprobs")
+        return await run(request, body, lp, ids, params, chat=False, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -451,7 +465,10 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
         mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling(body, mt, len(ids))
-        return await run(request, body, lp, ids, params, chat=True)
+        if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):
+            raise APIError(400, "top_logprobs must be between 0 and 20, with logprobs: true", param="top_logprobs")
+        return await run(request, body, lp, ids, params, chat=True,
+                         logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     # -- admin -------------------------------------------------------------------------------------
     def admin_of(request: Request) -> Tenant:
@@ -501,6 +518,39 @@ def create_app(server: Server) -> FastAPI:
         return {"prompts": registry.status()}
 
     return app
+
+
+class TokenLog:
+    """One choice's token logprobs, collected from the engine's ``("token", ...)`` events and handed
+    out in OpenAI's shape: ``{"content": [...]}`` for chat, ``tokens``/``token_logprobs``/
+    ``top_logprobs``/``text_offset`` for completions (offsets count from the completion's start)."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+        self.pending: list[tuple[int, float, list]] = []
+        self.offset = 0
+
+    def add(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        self.pending.append((token, logprob, top))
+
+    def take(self) -> dict | None:
+        """The pending tokens' logprobs (None when there are none), and forget them."""
+        if not self.pending:
+            return None
+        items, self.pending = self.pending, []
+        text = lambda t: self.tok.decode([t])  # noqa: E731
+        if self.chat:
+            def entry(t: int, lp: float) -> dict:
+                s = text(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in items]}
+        tokens = [text(t) for t, _, _ in items]
+        offsets = []
+        for s in tokens:
+            offsets.append(self.offset)
+            self.offset += len(s)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in items],
+                "top_logprobs": [{text(a): b for a, b in top} for _, _, top in items], "text_offset": offsets}
 
 
 def _usage(per_choice: list[dict]) -> dict:

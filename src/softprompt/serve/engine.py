@@ -39,7 +39,9 @@ class QueueFull(Exception):
 @dataclass
 class Request:
     """One generation request. ``emit`` receives ``("delta", text)``, then ``("done", finish_reason,
-    usage)`` or ``("error", message)``; it is called from the engine thread."""
+    usage)`` or ``("error", message)``; it is called from the engine thread. With ``logprobs`` set,
+    each generated token is first announced as ``("token", id, logprob, top)`` with the ``logprobs``
+    most likely alternatives in ``top``."""
 
     id: str
     prompt: LoadedPrompt | None
@@ -47,6 +49,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[tuple], None]
     created: float = field(default_factory=time.monotonic)
+    logprobs: int | None = None  # also emit ("token", id, logprob, [(id, logprob)] * this many) per token
 
 
 @dataclass
@@ -298,6 +301,11 @@ class Engine:
             p = row.req.params
             tok = greedy[i] if p.temperature <= 0 else int(sample_next(logits[i:i + 1], p, row.gen)[0])
             row.last = tok
+            if row.req.logprobs is not None and tok not in self.eos:
+                lp = torch.log_softmax(logits[i].float(), -1)
+                top = lp.topk(row.req.logprobs) if row.req.logprobs else None
+                row.req.emit(("token", tok, float(lp[tok]),
+                              list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
             produced += self._accept(row, tok)
         self.metrics.tokens(produced)
 
