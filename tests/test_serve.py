@@ -199,6 +199,84 @@ def test_seeded_sampling_equals_generate_alone(base, prompts_dir):
         assert got[i] == reference(base, registry, "ptune", text, params)
 
 
+def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(base, prompts_dir, monkeypatch):
+    """An exception inside a forward answers every running and newly admitted request with an error
+    event (none is left waiting), and the next request is served normally."""
+    registry = Registry(base, prompts_dir)
+    registry.scan()
+    engine = Engine(base, PrefixCache(), max_batch=4)
+    real_step = engine._step
+    calls = {"n": 0}
+
+    def flaky() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        real_step()
+
+    monkeypatch.setattr(engine, "_step", flaky)
+    events: dict[str, list] = {}
+    lp = registry.get("pt")
+    for i in range(3):
+        engine.submit(Request(str(i), lp, lp.fmt.prompt_ids(lp.example(TEXTS[i])), SamplingParams(3),
+                              lambda ev, i=i: events.setdefault(str(i), []).append(ev)))
+    engine.start()
+    deadline = time.time() + 60
+    while len(events) < 3 or not all(e[-1][0] in ("error", "done") for e in events.values()):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert all(e[-1][0] == "error" and "boom" in e[-1][1] for e in events.values())
+    engine.submit(Request("after", lp, lp.fmt.prompt_ids(lp.example(TEXTS[0])), SamplingParams(3),
+                          lambda ev: events.setdefault("after", []).append(ev)))
+    while not events.get("after") or events["after"][-1][0] not in ("error", "done"):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    engine.stop()
+    assert events["after"][-1][0] == "done"
+    assert "".join(ev[1] for ev in events["after"] if ev[0] == "delta") == reference(base, registry, "pt", TEXTS[0], SamplingParams(3))
+
+
+def test_prepacked_linear_weights_serve_the_same_outputs(base, prompts_dir):
+    """softprompt serve prepacks the linear weights for oneDNN (CPU): logits stay within 1e-5 of the
+    plain model's, and a mixed batch on the packed copy gives the plain model's greedy outputs."""
+    import copy
+    import dataclasses
+
+    from softprompt.serve.packed import PackedLinear, pack_linears, packing_available
+
+    if not packing_available(torch.device("cpu")):
+        pytest.skip("this torch build cannot prepack linear weights (no oneDNN)")
+    packed = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    n_linear = sum(type(m) is torch.nn.Linear for m in base.model.modules())
+    assert pack_linears(packed.model) == n_linear > 0
+    assert not any(type(m) is torch.nn.Linear for m in packed.model.modules())
+    ids = torch.tensor([base.tokenizer(TEXTS[3]).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(packed.model(input_ids=ids).logits, base.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    layer = next(m for m in packed.model.modules() if isinstance(m, PackedLinear))
+    with pytest.raises(RuntimeError, match="no autograd"):
+        layer(torch.randn(2, layer.in_features, requires_grad=True))
+    registry = Registry(packed, prompts_dir)
+    registry.scan()
+    engine = Engine(packed, PrefixCache(), max_batch=4).start()
+    jobs = [(n, t) for n in ("pt", "hybrid", "ptune", "prefix") for t in TEXTS[:2]]
+    got: dict[int, str] = {}
+    for i, (name, text) in enumerate(jobs):
+        lp = registry.get(name)
+        parts: list[str] = []
+        engine.submit(Request(str(i), lp, lp.fmt.prompt_ids(lp.example(text)), SamplingParams(6),
+                              lambda ev, i=i, parts=parts: parts.append(ev[1]) if ev[0] == "delta" else got.__setitem__(i, "".join(parts))))
+    deadline = time.time() + 60
+    while len(got) < len(jobs):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    engine.stop()
+    plain = Registry(base, prompts_dir)
+    plain.scan()
+    for i, (name, text) in enumerate(jobs):
+        assert got[i] == reference(base, plain, name, text, SamplingParams(6)), (name, text)
+
+
 def test_queue_limit_raises(base):
     engine = Engine(base, PrefixCache(), max_batch=1, max_queue=2)  # not started: nothing is taken off the queue
     ids = base.tokenizer("hi").input_ids

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on a request body (default: 1 MiB)")
     p.add_argument("--prompt-memory-mb", type=float, default=256, help="memory budget for loaded prompts (LRU)")
     p.add_argument("--cache-memory-mb", type=float, default=512, help="memory budget for the KV-prefix cache (LRU)")
+    p.add_argument("--no-pack-weights", action="store_true",
+                   help="keep the linear layers as they are (by default, on CPU, their weights are prepacked for oneDNN once "
+                        "at load: about 2x faster forwards in fp32, same outputs)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt's prefix per request")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 "
                    "is often faster on a machine shared with other busy processes)")
@@ -71,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(args.model, device=args.device)
     if args.bf16:  # serving converts the weights once (autocast would re-cast every weight in every forward)
         base.model.to(torch.bfloat16)
+    if not args.no_pack_weights:
+        from softprompt.serve.packed import pack_linears
+
+        n = pack_linears(base.model)
+        if n:
+            logging.getLogger("softprompt.serve").info("%d linear layers prepacked for oneDNN", n)
     registry = Registry(base, args.prompts, budget_bytes=int(args.prompt_memory_mb * 2**20))
     limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes)
     server = Server(base, registry, auth, limits, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -183,9 +183,9 @@ class Engine:
                     self.kv.shrink(self.initial_capacity)  # one long request must not pin its memory
             except Exception as e:  # noqa: BLE001 - never let one bad step kill the server
                 log.exception("engine step failed")
-                for row in self.rows:
-                    if row.finished is None:
-                        row.req.emit(("error", f"internal error during generation: {type(e).__name__}: {e}"))
+                running = [row.req for row in self.rows if row.finished is None]
+                for req in running + [r for r in new if all(r is not x for x in running)]:
+                    req.emit(("error", f"internal error during generation: {type(e).__name__}: {e}"))
                 self.rows = []
             self.metrics.batch_size = len(self.rows)
 
