@@ -204,11 +204,13 @@ class SlotKV:
             o = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
             out[0, :n] = o.reshape(n, H, D).to(out.dtype)
         off = n
-        for ch, mask in zip(plan.chunks, t["chunk_masks"]):
+        if ("chunk_masks", G) not in t:  # query rows repeat per head group; built once per forward
+            t[("chunk_masks", G)] = [m.repeat(G, 1) for m in t["chunk_masks"]]
+        for ch, mask in zip(plan.chunks, t[("chunk_masks", G)]):
             end = ch.start + ch.n
             q = query[:, :, off:off + ch.n].reshape(1, self.kv_heads, G * ch.n, D)
             o = sdpa(q.to(K.dtype), K[ch.slot:ch.slot + 1, :, :end], V[ch.slot:ch.slot + 1, :, :end],
-                     attn_mask=mask.repeat(G, 1), scale=scaling)
+                     attn_mask=mask, scale=scaling)
             out[0, off:off + ch.n] = o.reshape(H, ch.n, D).transpose(0, 1).to(out.dtype)
             off += ch.n
         return out
