@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from softprompt.serve.auth import Auth
     from softprompt.serve.registry import Registry
 
+    logging.getLogger("softprompt").setLevel(logging.INFO)  # the server logs what it loads, refuses and packs
     auth = Auth.from_file(args.keys) if args.keys else Auth()
     base = load_base(args.model, device=args.device)
     if args.bf16:  # serving converts the weights once (autocast would re-cast every weight in every forward)
@@ -86,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
                     max_batch_tokens=args.max_batch_tokens,
                     prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
                     watch_interval=args.watch_interval or None)
-    logging.getLogger("softprompt").setLevel(logging.INFO)
     if not auth.enabled:
         logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
                                                       args.host, args.port)
