@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from softprompt.hardware import hardware_line, hardware_report
+from softprompt.precision import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA = REPO.parent / "shared" / "data"
@@ -95,7 +98,7 @@ def run_one(base, ctx: dict, train, held, tokens: int, init: str, args, cache: P
     from softprompt.compress import CompressConfig, Compressor
 
     cfg = CompressConfig(tokens=tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         max_new_tokens=args.max_new_tokens, topk=args.topk, init=init, bf16=not args.fp32,
+                         max_new_tokens=args.max_new_tokens, topk=args.topk, init=init, precision=args.precision,
                          device="cpu", cache_dir=str(cache), timing_repeats=args.repeats, timing_queries=args.timed_queries,
                          seed=args.seed)
     t0 = time.perf_counter()
@@ -222,11 +225,14 @@ def main() -> int:
     ap.add_argument("--no-instructions", dest="instructions", action="store_false")
     ap.add_argument("--repeats", type=int, default=1, help="timing repeats per query")
     ap.add_argument("--timed-queries", type=int, default=2, help="held-out queries timed per run")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 where the CPU runs it natively, else fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="compress_bench")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = ap.parse_args()
+    hw = hardware_report()  # recorded with the results, measured in the same run
+    print(hardware_line(hw))
     if args.replot:
         plot(json.loads((RESULTS / f"{args.name}.json").read_text())["rows"], RESULTS / f"{args.name}.png")
         return 0
@@ -274,7 +280,7 @@ def main() -> int:
         print("- " + s)
     print(f"\ntotal wall time {total:.0f} s")
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-           "machine": platform.machine(), "bf16": not args.fp32}
+           "machine": platform.machine(), "precision": resolve_precision(args.precision, "cpu").dtype, "hardware": hw}
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()}
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": settings, "env": env, "total_s": total,
@@ -283,8 +289,8 @@ def main() -> int:
     md = [f"# Context compression on SmolLM2-135M-Instruct ({'quick' if args.quick else 'full'} run)", "",
           f"Settings: {args.steps} steps x batch {args.batch_size}, lr {args.lr}, teacher top-{args.topk} + remainder, "
           f"{args.max_new_tokens}-token greedy teacher continuations, {args.train_queries} training / "
-          f"{args.heldout_queries} held-out queries per context, {'bf16 autocast' if not args.fp32 else 'fp32'} on CPU "
-          f"({env['cpu_threads']} threads, shared with other jobs: timings are noisy). Total wall time {total:.0f} s.", "",
+          f"{args.heldout_queries} held-out queries per context, {env['precision']} on CPU "
+          f"({env['cpu_threads']} threads, shared with other jobs: timings are noisy). Total wall time {total:.0f} s.", "", hardware_line(hw), "",
           "Fidelity columns are on held-out queries against the full-context teacher: KL = exact full-vocabulary "
           "KL(teacher || variant) per token, top1 = next-token agreement along the teacher's continuation, EM/RL = exact "
           "match / ROUGE-L of the variant's greedy continuation vs the teacher's; F1 = SQuAD answer F1 vs the gold answers. "

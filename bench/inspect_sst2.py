@@ -31,6 +31,7 @@ def main() -> None:
         args.steps, args.dev, args.search, args.harden_steps = 2, 8, 4, 2
 
     from softprompt.base import load_base
+    from softprompt.hardware import hardware_line, hardware_report
     from softprompt.encoding import PromptFormat
     from softprompt.interpret.fidelity import divergence, hard_prompt, next_token_logits, projection_fidelity, task_score
     from softprompt.interpret.harden import harden
@@ -49,8 +50,9 @@ def main() -> None:
     hand_logits_score = task_score(base.model, None, hand, held, labels, bf16=True)
     out: dict = {"setup": {"steps": args.steps, "dev": len(held), "search": len(search), "harden_steps": args.harden_steps,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-                 "hand_written": {"template": recipe.hard_prompt, **hand_logits_score}, "prompts": []}
-    md = ["# Reading SST-2 soft prompts on SmolLM2-135M", ""]
+                 "hand_written": {"template": recipe.hard_prompt, **hand_logits_score}, "prompts": [],
+           "hardware": hardware_report()}
+    md = ["# Reading SST-2 soft prompts on SmolLM2-135M", "", hardware_line(out["hardware"]), ""]
     for init in ("vocab", "text:Is the sentiment of this movie review positive or negative? Answer"):
         t0 = time.time()
         cfg = TrainConfig(model="smollm2", template=f"[soft:20] {BODY}", init=init, steps=args.steps, lr=0.03,

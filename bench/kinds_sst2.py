@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from softprompt.hardware import hardware_line, hardware_report
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA = REPO.parent / "shared" / "data"
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3 steps, 16 dev examples, nothing saved")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    hw = hardware_report()  # recorded with the results, measured in the same run
+    print(hardware_line(hw))
     if args.quick:
         args.steps, args.dev, args.examples = 3, 16, 48
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,13 +167,13 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     setup = {"model": "SmolLM2-135M-Instruct (embedded)", "task": "SST-2 sentences", "steps": args.steps,
-             "batch_size": args.batch_size, "train_examples": args.examples, "dev_examples": args.dev, "bf16": True,
+             "batch_size": args.batch_size, "train_examples": args.examples, "dev_examples": args.dev, "precision": "bf16",
              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (RESULTS / "kinds_sst2.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    (RESULTS / "kinds_sst2.json").write_text(json.dumps({"setup": setup, "hardware": hw, "rows": rows}, indent=2))
     (RESULTS / "kinds_sst2.md").write_text(
         "# Soft-prompt kinds on SST-2 (SmolLM2-135M, CPU)\n\n"
-        + f"Setup: {json.dumps(setup)}\n\nSame training examples, batch order, step budget and dev subset for every kind. "
+        + f"Setup: {json.dumps(setup)}\n\n{hardware_line(hw)}\n\nSame training examples, batch order, step budget and dev subset for every kind. "
         + "Accuracy ranks the label words' log-probabilities. Inference size: the tensors used at inference "
         + "(float32); prefix tuning stores keys and values for every layer.\n\n" + md)
     plot(rows, RESULTS / "kinds_sst2.png")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from softprompt.hardware import hardware_line, hardware_report
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 RESULTS = REPO / "bench" / "results"
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS), help="directory for the results")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 lengths x 2 inits, 3 steps, 16 dev examples")
     args = ap.parse_args()
+    hw = hardware_report()  # recorded with the results, measured in the same run
+    print(hardware_line(hw))
     if args.quick:
         args.lengths, args.inits, args.steps, args.dev = "1,5", "random,labels", 3, 16
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,7 +80,7 @@ def main() -> None:
            "data": f"SST-2 sentences (sst2 recipe): {len(train)} training sentences, fixed dev subset of {len(dev)}",
            "template": recipe.soft_template, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
            "optimizer": "AdamW, 6% warmup, linear decay", "precision": "bf16 autocast" if bf16 else "fp32",
-           "seed": args.seed, "threads": torch.get_num_threads(), "dev_examples": len(dev), "command": " ".join(["python", "bench/lester_ablations.py"] + sys.argv[1:])}
+           "hardware": hw, "seed": args.seed, "threads": torch.get_num_threads(), "dev_examples": len(dev), "command": " ".join(["python", "bench/lester_ablations.py"] + sys.argv[1:])}
     out, started = Path(args.out), time.perf_counter()
     hard = hard_contender(base, "hand-written", recipe.hard_prompt, chat=recipe.chat)
     reference = {"template": recipe.hard_prompt, **score(None, hard.fmt)}
@@ -119,7 +123,7 @@ def write_results(out: Path, env: dict, reference: dict, runs: list[dict], lengt
     atomic_write_json(out / "lester_ablations.json", {"env": env, "hand_written": reference, "runs": runs})
 
     md = ["# Prompt length x initialization (Lester et al. 2021, in spirit): SmolLM2-135M on SST-2", ""]
-    md += [f"- {k}: {v!r}" if isinstance(v, str) and "\n" in v else f"- {k}: {v}" for k, v in env.items()]
+    md += [f"- {k}: {v!r}" if isinstance(v, str) and "\n" in v else f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + [hardware_line(env["hardware"])]
     md += ["", "Dev accuracy (label ranking; 95% bootstrap interval in brackets) after the fixed budget:", "",
            "| length | " + " | ".join(inits) + " |", "|---" * (len(inits) + 1) + "|"]
     for n in lengths:

@@ -173,29 +173,29 @@ def main() -> None:
         r["speedup_vs_peft_fp32"] = ref["step_s"] / r["step_s"]
     import torch
 
-    from softprompt.flops import matmul_flops_per_s
+    from softprompt.hardware import hardware_line, hardware_report
 
-    peak = {"fp32": matmul_flops_per_s(torch.float32) / 1e9, "bf16": matmul_flops_per_s(torch.bfloat16) / 1e9}
+    hw = hardware_report()  # measured in the same run as the variants
+    peak = hw["matmul_gflops"]
     for r in rows:
         r["peak_matmul_gflop_s"] = peak["bf16" if "bf16" in r["variant"] else "fp32"]
         r["share_of_peak"] = r["achieved_gflop_s"] / r["peak_matmul_gflop_s"]
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), "model": "SmolLM2-135M-Instruct (embedded)", "data": "SST-2 sentences (sst2 recipe), chat template",
            "batch_size": args.batch_size, "virtual_tokens": args.tokens, "steps_timed": args.steps, "warmup_steps": args.warmup,
-           "examples": args.examples, "dev_examples": args.dev, "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
+           "examples": args.examples, "dev_examples": args.dev, "hardware": hw, "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
     head = f"{'variant':<18} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"
     lines = [head] + [f"{r['variant']:<18} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['speedup_vs_peft_fp32']:12.2f} "
                       f"{r['dev_accuracy']:8.3f} {r['achieved_gflop_s']:8.1f} {r['share_of_peak']:8.1%}" for r in rows]
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "prompt_tuning_vs_peft.json").write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
-    md = ["# Prompt tuning: softprompt vs HF PEFT (training steps on CPU)", ""] + [f"- {k}: {v}" for k, v in env.items()] + [
+    md = ["# Prompt tuning: softprompt vs HF PEFT (training steps on CPU)", ""] + [f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + [
         "", "| variant | s/step | tokens/s | peak RSS (MB) | speed-up vs PEFT fp32 | SST-2 dev accuracy after training | loss first -> last |",
         "|---|---|---|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['speedup_vs_peft_fp32']:.2f} | "
            f"{r['dev_accuracy']:.3f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |" for r in rows]
-    md += ["", f"Measured matmul peak of this CPU (torch.matmul, 2048x2048, best of 5): fp32 {peak['fp32']:.0f} GFLOP/s, "
-           f"bf16 {peak['bf16']:.0f} GFLOP/s.", "", "| variant | GFLOP/step | achieved GFLOP/s | share of the same-precision matmul peak |",
+    md += ["", hardware_line(hw), "", "| variant | GFLOP/step | achieved GFLOP/s | share of the same-precision matmul peak |",
            "|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['gflop_per_step']:.1f} | {r['achieved_gflop_s']:.1f} | {r['share_of_peak']:.1%} |" for r in rows]
     md += ["", "FLOPs are counted by `softprompt.flops` (matmuls only, real tokens only, so padding counts as overhead): "

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from softprompt.hardware import hardware_line, hardware_report
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared" / "data"
@@ -270,6 +272,8 @@ def main() -> None:
                     help="rounds of all three measurements; the table shows the median round and the median ratio")
     ap.add_argument("--no-save", action="store_true", help="print only (the --quick run never overwrites results)")
     args = ap.parse_args()
+    hw = hardware_report()  # recorded with the results, measured in the same run
+    print(hardware_line(hw))
     if args.quick:
         args.requests, args.max_tokens = 16, 8
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,7 +342,8 @@ def main() -> None:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "requests": args.requests,
            "max_tokens": args.max_tokens, "clients": args.clients, "max_batch": args.max_batch, "prompts": N_PROMPTS,
-           "quick": args.quick, "weights": "bf16" if args.bf16 else "fp32", "repeats": args.repeats}
+           "quick": args.quick, "weights": "bf16" if args.bf16 else "fp32", "repeats": args.repeats,
+           "hardware": hw}
     head = f"| config | tok/s | x naive | p50 s | p99 s | TTFT p50 s | TTFT p99 s | rows/forward |"
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -364,7 +369,7 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"env": env, "results": rows, "agreement_with_naive": {"cache_on": agree_on, "cache_off": agree_off,
                                                                "not_prepacked": agree_unpacked}}, indent=2) + "\n")
-    md = [f"# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU, {env['weights']} weights)", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
+    md = [f"# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU, {env['weights']} weights)", ""] + [f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + ["", hardware_line(hw), ""]
     md += lines + ["", agree_line, "", "Naive latency is each request's own service time (requests run one after another, "
                    "no queueing); server latency includes queueing behind the other 15 clients.", "", ratio_line, "",
                    split_line, "", f"![plot]({stem}.png)"]

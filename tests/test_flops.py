@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from softprompt.flops import matmul_flops_per_s, model_dims, train_step_flops
+from softprompt.flops import model_dims, train_step_flops
+from softprompt.hardware import hardware_line, hardware_report, matmul_flops_per_s
 from softprompt.records import read_examples
 from softprompt.train import TrainConfig, Trainer
 
@@ -48,6 +49,14 @@ def _compare(tiny, tiny_dir, sentiment_files, tmp_path):
 def test_matmul_throughput_is_measured():
     f = matmul_flops_per_s(torch.float32, size=256, repeats=2)
     assert 1e8 < f < 1e15
+
+
+def test_hardware_report_names_the_cpu_and_its_peaks():
+    hw = hardware_report(measure=False)
+    assert hw["cpu_model"] and hw["isa"] and hw["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "matmul_gflops" not in hw and "Hardware:" in hardware_line(hw)
+    hw["matmul_gflops"], hw["matmul_size"] = {"fp32": 80.0, "bf16": 0.9}, 1024
+    assert "fp32 80.0 / bf16 0.9 GFLOP/s" in hardware_line(hw)
 
 
 def test_shared_prefix_counts_shared_positions_once():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from softprompt.artifact import load_artifact
@@ -27,8 +28,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/topic-prompt", help="where to save the prompt")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto (default): bf16 where the CPU runs it natively (AMX, AVX-512-BF16), else fp32")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")  # transformers 5.x renaming
 
     t0 = time.time()
     base = load_base("smollm2")
@@ -43,8 +46,10 @@ def main() -> None:
 
     # 2. Learn a soft prompt: 8 virtual tokens, initialized from a short instruction.
     cfg = TrainConfig(model="smollm2", tokens=args.tokens, init="text:Classify the topic of this text:",
-                      steps=args.steps, batch_size=8, lr=0.03, eval_every=20, seed=0, bf16=not args.fp32)
+                      steps=args.steps, batch_size=8, lr=0.03, eval_every=20, seed=0, precision=args.precision)
     res = train(cfg, train_set, dev_set, args.out, base=base)
+    prec = res.metrics.get("precision") or load_artifact(res.out, base=base).meta["precision"]
+    print(f"trained {res.steps_done} steps in {prec['dtype']} ({prec['setting']}: {prec['reason']}; {prec['hardware']})")
 
     # 3. Reload it from disk (checked against the base model's fingerprint) and score held-out examples.
     art = load_artifact(res.out, base=base)

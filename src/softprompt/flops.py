@@ -18,7 +18,6 @@ Not counted: norms, rotary embeddings, activations, softmax and the cross-entrop
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -66,22 +65,3 @@ def train_step_flops(dims: ModelDims, lengths: list[int], head_positions: int, s
     attn = 4 * dims.layers * dims.attn_dim * scores
     head = 2 * dims.head_params * head_positions
     return StepFlops(forward=float(linear + attn + head), backward=float(linear + 2 * attn + head))
-
-
-def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Measured throughput of ``torch.matmul`` on two ``size x size`` matrices of ``dtype``: the best
-    of ``repeats`` timed runs after a warm-up (the best, because other load only slows a run down)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, generator=g, device=device).to(dtype)
-    b = torch.randn(size, size, generator=g, device=device).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best

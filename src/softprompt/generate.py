@@ -12,7 +12,7 @@ from softprompt.encoding import PromptFormat, collate
 from softprompt.examples import Example
 from softprompt.prompts import SoftPrompt
 from softprompt.prompts.base import base_model_inputs
-from softprompt.scoring import autocast
+from softprompt.precision import autocast
 
 
 @dataclass

@@ -3,18 +3,14 @@ the label words' log-probabilities (one forward per example and label, batched; 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 
 from softprompt.encoding import PromptFormat, collate
 from softprompt.examples import Example
 from softprompt.objectives import lm_loss, sequence_logprobs
+from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 @torch.no_grad()

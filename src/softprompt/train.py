@@ -32,7 +32,8 @@ from softprompt.init import init_table, parse_init
 from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
 from softprompt.objectives import compile_forward, lm_loss
 from softprompt.prompts import SoftPrompt, kind_class
-from softprompt.scoring import accuracy, autocast, label_set, mean_loss
+from softprompt.precision import autocast, resolve_precision
+from softprompt.scoring import accuracy, label_set, mean_loss
 from softprompt.template import Template, parse_template
 
 CHECKPOINT = "checkpoint"
@@ -62,7 +63,7 @@ class TrainConfig:
     patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
     save_every: int = 0  # checkpoint every N steps; 0: only at evaluations and the end
     seed: int = 0
-    bf16: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it natively)
     bucket: bool = True
     target_only_head: bool = True
     share_prefix: bool = True  # run the batch's common leading tokens once (exact)
@@ -160,6 +161,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.base = base or load_base(cfg.model, device=cfg.device or self.dist.device)
         self.device = self.base.device
+        self.precision = resolve_precision(cfg.precision, self.device, announce=self.dist.is_main)
+        self.bf16 = self.precision.bf16
         self.template = parse_template(cfg.template_source())
         check_template(self.template, needs_soft=cfg.kind != "prefix")
         self.fmt = PromptFormat(self.base.tokenizer, self.template, chat=cfg.chat, system=cfg.system,
@@ -197,7 +200,7 @@ class Trainer:
                 continue
             batch = {k: v.to(self.device) for k, v in collate([self.encoded[j] for j in idx], self.base.tokenizer.pad_token_id).items()}
             tokens += int(batch["attention_mask"].sum())
-            with autocast(self.device, cfg.bf16):
+            with autocast(self.device, self.bf16):
                 loss = self.loss_fn(batch) / max(n_tok, 1)
             if not torch.isfinite(loss.detach()):
                 raise SoftPromptError(f"non-finite loss ({loss.item()}) at step {self.step + 1}: lower --lr, or check the data")
@@ -218,9 +221,9 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         self.prompt.eval()
-        out = {"step": self.step, "dev_loss": mean_loss(self.base.model, self.prompt, self.fmt, self.dev_set, bf16=self.cfg.bf16)}
+        out = {"step": self.step, "dev_loss": mean_loss(self.base.model, self.prompt, self.fmt, self.dev_set, bf16=self.bf16)}
         if self.labels:
-            out["dev_accuracy"] = accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.cfg.bf16)
+            out["dev_accuracy"] = accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.bf16)
         self.prompt.train()
         return out
 
@@ -345,7 +348,7 @@ class Trainer:
             metrics["world_size"] = self.dist.world
         meta = build_meta(self.prompt, self.template_source, self.base, init=self.cfg.init,
                           format=self.fmt.describe(), labels=self.labels, train_config=asdict(self.cfg),
-                          metrics=metrics, data={"train": self.train_set[0].source, "n_train": len(self.train_set),
+                          metrics=metrics, precision=self.precision.to_meta(), data={"train": self.train_set[0].source, "n_train": len(self.train_set),
                                                  "dev": self.dev_set[0].source if self.dev_set else None,
                                                  "n_dev": len(self.dev_set)})
         save_artifact(self.out, self.prompt, meta)

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("softprompt.precision").setLevel(logging.INFO)  # one line: which precision, and why
     if not args.command:
         parser.print_help()
         return 2

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                          template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature,
                          topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          max_new_tokens=args.max_new_tokens, sample_temperature=args.sample, n_queries=args.n_queries,
-                         heldout=args.heldout, seed=args.seed, bf16=args.bf16, device=args.device, cache_dir=args.cache_dir)
+                         heldout=args.heldout, seed=args.seed, precision=args.precision, device=args.device, cache_dir=args.cache_dir)
     job = Compressor(context, cfg, queries, out, progress=not args.quiet,
                      warn=lambda m: print(f"softprompt: warning: {m}", file=sys.stderr))
     res = job.run()

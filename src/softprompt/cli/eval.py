@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from softprompt.cli.common import add_model_args
+from softprompt.cli.common import add_model_args, resolve
 
 
 def register(sub) -> None:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         contenders.append(soft_contender(base, load_artifact(path, base=base)))
     if not contenders:
         raise SoftPromptError("nothing to evaluate: give prompt directories and/or --hard-prompt")
-    results = evaluate(base, contenders, examples, metric, labels, args.max_new_tokens, bf16=args.bf16)
+    results = evaluate(base, contenders, examples, metric, labels, args.max_new_tokens, bf16=resolve(args, base.device))
     print(format_table(results))
     if args.out:
         save_report(results, args.out, title=f"evaluation on {args.task or args.data}",

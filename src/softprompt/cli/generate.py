@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompt.cli.common import add_model_args, load_prompt_and_base
+from softprompt.cli.common import add_model_args, load_prompt_and_base, resolve
 
 
 def register(sub) -> None:
@@ -33,10 +33,11 @@ def run(args: argparse.Namespace) -> int:
     art, base = load_prompt_and_base(args.prompt, args.model, args.device)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, tuple(args.stop))
     fmt = art.prompt_format(base)
+    bf16 = resolve(args, base.device)
     if len(inputs) == 1:
-        generate(base, art.prompt, fmt, inputs, params, bf16=args.bf16, stream=lambda i, piece: print(piece, end="", flush=True))
+        generate(base, art.prompt, fmt, inputs, params, bf16=bf16, stream=lambda i, piece: print(piece, end="", flush=True))
         print()
     else:
-        for text, out in zip(inputs, generate(base, art.prompt, fmt, inputs, params, args.batch_size, args.bf16)):
+        for text, out in zip(inputs, generate(base, art.prompt, fmt, inputs, params, args.batch_size, bf16)):
             print(f"{text}\t{out}")
     return 0

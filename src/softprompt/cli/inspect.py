@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from softprompt.cli.common import add_model_args, load_prompt_and_base
+from softprompt.cli.common import add_model_args, load_prompt_and_base, resolve
 
 
 def register(sub) -> None:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         examples = read_examples(args.data, art.template.fields, args.target_field, require_target=False)[: args.limit]
         labels = art.meta.get("labels") if all(e.target is not None for e in examples) else None
         report["n_examples"] = len(examples)
-        report["fidelity"] = projection_fidelity(base, art.prompt, fmt, examples, labels, args.projection, args.bf16)
+        report["fidelity"] = projection_fidelity(base, art.prompt, fmt, examples, labels, args.projection, resolve(args, base.device))
     if bool(args.context) != bool(args.queries):
         raise SoftPromptError("context coverage needs both --context and --queries")
     if args.context:

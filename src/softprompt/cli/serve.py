@@ -14,8 +14,9 @@ def register(sub) -> None:
                                    "KV-prefix cache. See docs/serving.md.")
     add_model_args(p)
     for action in p._actions:
-        if action.dest == "bf16":
-            action.help = "serve with bf16 weights, converted once at load (AMX on recent CPUs; outputs may differ slightly from fp32)"
+        if action.dest == "precision" and action.choices:
+            action.help = ("weights' precision (bf16 weights are converted once at load; outputs may differ slightly "
+                           "from fp32). auto (default): bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--prompts", help="directory of prompt artifact directories (watched for changes)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -73,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("softprompt").setLevel(logging.INFO)  # the server logs what it loads, refuses and packs
     auth = Auth.from_file(args.keys) if args.keys else Auth()
     base = load_base(args.model, device=args.device)
-    if args.bf16:  # serving converts the weights once (autocast would re-cast every weight in every forward)
+    from softprompt.precision import resolve_precision
+
+    if resolve_precision(args.precision, base.device).bf16:  # converted once: autocast would re-cast every forward
         base.model.to(torch.bfloat16)
     if not args.no_pack_weights:
         from softprompt.serve.packed import pack_linears

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                       kind_options=_options(args.option), steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                       schedule=args.schedule, eval_every=args.eval_every, patience=args.patience,
-                      save_every=args.save_every, seed=args.seed, bf16=args.bf16, bucket=args.bucket, compile=args.compile,
+                      save_every=args.save_every, seed=args.seed, precision=args.precision, bucket=args.bucket, compile=args.compile,
                       device=args.device)
     trainer = Trainer(cfg, train, dev, out, progress=not args.quiet)
     try:

@@ -28,7 +28,7 @@ from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key,
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.prompts import SoftPrompt, kind_class
-from softprompt.scoring import autocast
+from softprompt.precision import autocast, resolve_precision
 from softprompt.train import TrainConfig, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class CompressConfig:
     n_queries: int = 24  # generated when no queries are given
     heldout: float = 0.2
     seed: int = 0
-    bf16: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it natively)
     device: str | None = None
     cache_dir: str | None = None  # teacher cache (default: OUT/teacher_cache)
     timing_repeats: int = 3
@@ -123,7 +123,9 @@ class Compressor:
         self.layout: Layout = make_layout(tok, cfg.tokens, cfg.placement, cfg.template, cfg.chat)
         self.renderer = Renderer(tok, self.layout)
         self.queries = queries
-        self.teacher = Teacher(self.teacher_base, bf16=cfg.bf16)
+        self.precision = resolve_precision(cfg.precision, self.base.device)
+        self.bf16 = self.precision.bf16
+        self.teacher = Teacher(self.teacher_base, bf16=self.bf16)
         self.history: list[dict] = []
         self.prompt: SoftPrompt | None = None
 
@@ -137,7 +139,7 @@ class Compressor:
     def split(self) -> tuple[list[Query], list[Query]]:
         self.generated = self.queries is None
         if self.queries is None:
-            self.queries = generate_queries(self.teacher_base, self.context, self.cfg.n_queries, self.cfg.seed, bf16=self.cfg.bf16)
+            self.queries = generate_queries(self.teacher_base, self.context, self.cfg.n_queries, self.cfg.seed, bf16=self.bf16)
         if not self.queries:
             raise SoftPromptError("no queries")
         if self.fixed_heldout:
@@ -167,7 +169,7 @@ class Compressor:
         train = split == "train"
         return cache_key(split=split, teacher=self.teacher_base.fingerprint, ids=hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
                          max_new_tokens=c.max_new_tokens, sample=c.sample_temperature if train else 0.0, seed=c.seed,
-                         topk=c.topk if train else None, temperature=c.temperature if train else None, bf16=c.bf16, version=1)
+                         topk=c.topk if train else None, temperature=c.temperature if train else None, bf16=self.bf16, version=1)
 
     @property
     def cache_dir(self) -> Path:
@@ -224,7 +226,7 @@ class Compressor:
             batch = rows_batch([(student_rows[i], entries[i].cont) for i in idx], base.tokenizer.pad_token_id, base.device)
             targets = torch.tensor([t for i in idx for t in entries[i].cont], device=base.device)
             teacher = TeacherDists.cat([entries[i].dists for i in idx]).to(base.device) if c.objective != "loglik" else None
-            with autocast(base.device, c.bf16):
+            with autocast(base.device, self.bf16):
                 logits = continuation_logits(base.model, prompt, batch)
             loss = distill_loss(c.objective, logits, teacher, targets, c.temperature) / len(targets)
             if not torch.isfinite(loss.detach()):
@@ -256,7 +258,7 @@ class Compressor:
             batch = rows_batch([(self.renderer.student_ids(e.query), e.cont) for e in chunk], base.tokenizer.pad_token_id, base.device)
             targets = torch.tensor([t for e in chunk for t in e.cont], device=base.device)
             teacher = TeacherDists.cat([e.dists for e in chunk]).to(base.device) if c.objective != "loglik" else None
-            with autocast(base.device, c.bf16):
+            with autocast(base.device, self.bf16):
                 logits = continuation_logits(base.model, prompt, batch)
             total += float(distill_loss(c.objective, logits, teacher, targets, c.temperature))
             count += len(targets)
@@ -279,17 +281,17 @@ class Compressor:
         fid = {}
         for name, (prompt, rows) in variants.items():
             fid[name] = fidelity(base, prompt, rows, conts, [t.to(base.device) for t in teacher_logits], teacher_texts,
-                                 c.max_new_tokens, answers, c.bf16)
+                                 c.max_new_tokens, answers, self.bf16)
         if any(answers):
             from softprompt.compress.report import answer_f1
 
             scored = [(t, a) for t, a in zip(teacher_texts, answers) if a]
             fid["teacher"] = {"answer_f1": sum(answer_f1(t, list(a)) for t, a in scored) / len(scored)}
         timing = heldout[: min(c.timing_queries, len(heldout))]
-        full = prefill_cost(base, None, [e.ids for e in timing], c.timing_repeats, c.bf16)
-        soft = prefill_cost(base, self.prompt, [self.renderer.fill(e.query, None) for e in timing], c.timing_repeats, c.bf16)
+        full = prefill_cost(base, None, [e.ids for e in timing], c.timing_repeats, self.bf16)
+        soft = prefill_cost(base, self.prompt, [self.renderer.fill(e.query, None) for e in timing], c.timing_repeats, self.bf16)
         cost = {"full": full, "soft": soft, "kv_ratio": full["kv_bytes"] / max(soft["kv_bytes"], 1),
-                "ttft_speedup": full["ttft_ms"] / max(soft["ttft_ms"], 1e-9), "device": str(base.device), "bf16": c.bf16,
+                "ttft_speedup": full["ttft_ms"] / max(soft["ttft_ms"], 1e-9), "device": str(base.device), "bf16": self.bf16,
                 "timed_queries": len(timing), "repeats": c.timing_repeats}
         examples = [{"query": e.query, "teacher": teacher_texts[i], **{k: fid[k]["outputs"][i] for k in variants}}
                     for i, e in enumerate(heldout[:3])]
@@ -335,6 +337,7 @@ class Compressor:
                    "final_train_loss": report["train"]["final_loss"]}
         meta = build_meta(self.prompt, self.layout.template_source, self.base, init=c.init,
                           format=self.renderer.fmt.describe(), train_config=asdict(c), metrics=metrics,
+                          precision=self.precision.to_meta(),
                           compression={k: report[k] for k in ("context_tokens", "soft_tokens", "compression_ratio",
                                                               "context_sha256", "placement", "objective")},
                           data={"n_train": report["n_train"], "n_heldout": report["n_heldout"]})

@@ -16,7 +16,7 @@ from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.io import atomic_write_json, atomic_write_text
 from softprompt.metrics import normalize, rouge_l
-from softprompt.scoring import autocast
+from softprompt.precision import autocast
 
 VARIANTS = {"soft": "soft prompt", "truncated": "truncated context", "none": "no context"}
 

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from softprompt.base import BaseModel
 from softprompt.io import atomic_save_tensors
-from softprompt.scoring import autocast
+from softprompt.precision import autocast
 
 
 @dataclass

@@ -10,7 +10,8 @@ from softprompt.examples import Example
 from softprompt.interpret.nearest import nearest_tokens
 from softprompt.objectives import target_logits
 from softprompt.prompts import PromptTuning, SoftPrompt
-from softprompt.scoring import accuracy, autocast, mean_loss
+from softprompt.precision import autocast
+from softprompt.scoring import accuracy, mean_loss
 
 
 def input_vectors(prompt: SoftPrompt) -> torch.Tensor:
