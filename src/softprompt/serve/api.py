@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt import __version__
 from softprompt.base import BaseModel
+from softprompt.chat import chat_ids, refusal
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams
 from softprompt.serve.auth import Auth, Tenant
@@ -90,6 +91,10 @@ class Message(Schema):
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def turn(self) -> dict:
+        """The message as a chat-template turn (``developer`` is the system role there)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatBody(_Body):
@@ -436,15 +441,10 @@ def create_app(server: Server) -> FastAPI:
         if not users:
             raise APIError(400, "messages must contain a user message", param="messages")
         if lp is None:
-            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-            if getattr(tok, "chat_template", None):
-                try:
-                    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-                except Exception as e:  # noqa: BLE001 - jinja templates raise on conversations they refuse
-                    raise APIError(400, f"the chat template refused this conversation: {e}", param="messages") from None
-                ids = tok(text, add_special_tokens=False).input_ids
-            else:
-                ids = tok("\n".join(m["content"] for m in msgs)).input_ids
+            try:
+                ids = chat_ids(tok, [m.turn() for m in body.messages])
+            except SoftPromptError as e:
+                raise APIError(400, str(e), param="messages") from None
         else:
             # The last message fills the prompt's template; earlier turns come before it, after the
             # format's own system prompt (a soft prompt's template is one user turn).
@@ -452,14 +452,13 @@ def create_app(server: Server) -> FastAPI:
             if last.role != "user":
                 raise APIError(400, f"the last message must be the user's (it fills prompt {body.model!r}'s template), "
                                     f"not {last.role!r}", param=f"messages.{len(body.messages) - 1}.role")
-            history = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                       for m in body.messages[:-1]]
+            history = [m.turn() for m in body.messages[:-1]]
             try:
                 ids = lp.fmt.prompt_ids(lp.example(last.text()), history)
             except SoftPromptError as e:
                 raise APIError(400, str(e), param="messages") from None
             except Exception as e:  # noqa: BLE001 - a chat template may refuse a conversation (jinja raise_exception)
-                raise APIError(400, f"the chat template refused this conversation: {e}", param="messages") from None
+                raise APIError(400, str(refusal(e)), param="messages") from None
         check_ids(ids, "messages")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
