@@ -27,11 +27,13 @@ from softprompt.encoding import PromptFormat
 from softprompt.examples import Example
 from softprompt.generate import SamplingParams, generate, generate_ids
 from softprompt.prompts import PrefixTuning, PromptTuning, PTuning
-from softprompt.serve.api import Limits, Server, create_app
+from softprompt.serve.app import create_app
 from softprompt.serve.auth import Auth, hash_key
 from softprompt.serve.engine import Engine, QueueFull, Request
 from softprompt.serve.kv_cache import PrefixCache
 from softprompt.serve.registry import Registry
+from softprompt.serve.schemas import Limits
+from softprompt.serve.server import Server
 from softprompt.template import parse_template
 from softprompt.train import TrainConfig, Trainer
 
