@@ -151,8 +151,7 @@ def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, c
            "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients), "--watch-interval", "0"]
     if not cache:
         cmd.append("--no-prefix-cache")
-    if bf16:
-        cmd.append("--bf16")
+    cmd += ["--precision", "bf16" if bf16 else "fp32"]  # explicit: auto would pick bf16 on a CPU with native bf16
     if not pack:
         cmd.append("--no-pack-weights")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -99,3 +99,54 @@ SENTIMENT = [
 def sentiment_files(tmp_path):
     rows = [{"input": t, "target": y} for t, y in SENTIMENT]
     return write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows[::3])
+
+
+# -- softprompt serve (tests/test_serve_*.py; helpers in serve_helpers.py) ----------------------------
+@pytest.fixture(scope="session")
+def base(tiny_dir):
+    from softprompt.base import load_base
+
+    return load_base(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def prompts_dir(base, tmp_path_factory) -> Path:
+    """A prompts directory with one prompt of every kind (chat and plain formats), one trained."""
+    from serve_helpers import _make_prompts
+
+    root = tmp_path_factory.mktemp("prompts")
+    _make_prompts(base, root, tmp_path_factory.mktemp("work"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory) -> Path:
+    import yaml
+    from serve_helpers import A_PROMPTS, KEY_A, KEY_ADMIN, KEY_B
+
+    from softprompt.serve.auth import hash_key
+
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": [
+        {"name": "a", "sha256": hash_key(KEY_A), "prompts": A_PROMPTS + ["replace-me", "uploaded"]},
+        {"name": "b", "sha256": hash_key(KEY_B), "prompts": ["secret"]},
+        {"name": "ops", "sha256": hash_key(KEY_ADMIN), "prompts": "*", "admin": True},
+    ]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(base, prompts_dir, keys_file):
+    """A live server on prompts_dir with three tenants (a, b, admin), one per test module."""
+    from serve_helpers import LiveServer
+
+    from softprompt.serve.auth import Auth
+    from softprompt.serve.registry import Registry
+    from softprompt.serve.schemas import Limits
+    from softprompt.serve.server import Server
+
+    server = Server(base, Registry(base, prompts_dir), Auth.from_file(keys_file),
+                    Limits(max_tokens=64, max_input_tokens=100, max_body_bytes=4096), max_batch=8, max_queue=64,
+                    watch_interval=0.2)
+    with LiveServer(server) as s:
+        yield s

@@ -59,69 +59,25 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
     import torch
-    import uvicorn
+    import uvicorn  # noqa: F401 - without the serve extra, fail before the model is loaded
 
     if args.threads is not None:
         if args.threads < 1:
             raise SoftPromptError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
 
-    from softprompt.base import load_base
-    from softprompt.serve.api import Limits, Server, create_app
-    from softprompt.serve.auth import Auth
-    from softprompt.serve.registry import Registry
+    from softprompt.serve.app import build_server, serve_forever
+    from softprompt.serve.schemas import Limits
 
     logging.getLogger("softprompt").setLevel(logging.INFO)  # the server logs what it loads, refuses and packs
-    auth = Auth.from_file(args.keys) if args.keys else Auth()
-    base = load_base(args.model, device=args.device)
-    from softprompt.precision import resolve_precision
-
-    if resolve_precision(args.precision, base.device).bf16:  # converted once: autocast would re-cast every forward
-        base.model.to(torch.bfloat16)
-    if not args.no_pack_weights:
-        from softprompt.serve.packed import pack_linears
-
-        n = pack_linears(base.model)
-        if n:
-            logging.getLogger("softprompt.serve").info("%d linear layers prepacked for oneDNN", n)
-    registry = Registry(base, args.prompts, budget_bytes=int(args.prompt_memory_mb * 2**20))
-    limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes)
-    server = Server(base, registry, auth, limits, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_batch_tokens=args.max_batch_tokens,
-                    prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
-                    watch_interval=args.watch_interval or None)
-    if not auth.enabled:
+    server = build_server(args.model, args.prompts, device=args.device, keys=args.keys, precision=args.precision,
+                          pack_weights=not args.no_pack_weights,
+                          prompt_memory_bytes=int(args.prompt_memory_mb * 2**20),
+                          limits=Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes),
+                          max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
+                          prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
+                          watch_interval=args.watch_interval or None)
+    if not server.auth.enabled:
         logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
                                                       args.host, args.port)
-    return _serve(server, uvicorn.Config(create_app(server), host=args.host, port=args.port,
-                                         log_level="info" if args.verbose else "warning"))
-
-
-def _serve(server, config) -> int:
-    """HTTP in a thread, the engine in this (main) thread: the thread that loaded the model keeps
-    torch's CPU workers to itself (see Engine.run)."""
-    import signal
-    import threading
-
-    import uvicorn
-
-    from softprompt.errors import SoftPromptError
-
-    server.engine_thread = False
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, name="softprompt-http", daemon=True)
-
-    def on_signal(signum, frame) -> None:
-        web.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    thread.start()
-    try:
-        server.engine.run(should_stop=lambda: web.should_exit or not thread.is_alive())
-    finally:
-        web.should_exit = True
-        thread.join(timeout=30)
-    if not web.started:
-        raise SoftPromptError(f"the HTTP server did not start on {config.host}:{config.port} (see the log above)")
-    return 0
+    return serve_forever(server, args.host, args.port, log_level="info" if args.verbose else "warning")

@@ -1,0 +1,128 @@
+"""The server's composition: :func:`build_server` loads the base model and builds the registry,
+tenants, limits, metrics and engine; :func:`create_app` wraps a :class:`Server` in the FastAPI app
+(error handlers in OpenAI's shape, request counting, the routers); :func:`serve_forever` runs it
+the way ``softprompt serve`` does. Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from softprompt import __version__
+from softprompt.serve.auth import Auth
+from softprompt.serve.errors import APIError
+from softprompt.serve.registry import Registry
+from softprompt.serve.routes import ROUTERS
+from softprompt.serve.schemas import Limits
+from softprompt.serve.server import Server
+
+log = logging.getLogger(__name__)
+
+
+def build_server(model: str, prompts: str | Path, *, device: str | None = None, keys: str | Path | None = None,
+                 precision: str = "auto", pack_weights: bool = True, prompt_memory_bytes: int = 256 << 20,
+                 limits: Limits | None = None, max_batch: int = 16, max_batch_tokens: int = 512, max_queue: int = 64,
+                 prefix_cache: bool = True, cache_bytes: int = 512 << 20,
+                 watch_interval: float | None = 1.0) -> Server:
+    """A :class:`Server` for the prompt artifacts under ``prompts`` on ``model`` (tenants from the
+    ``keys`` file; without one the API is open). The keys file is read before the model is loaded;
+    ``precision`` (auto | fp32 | bf16, see softprompt.precision) resolved to bf16 converts the weights once; with ``pack_weights`` the linear layers are
+    prepacked for oneDNN (CPU only)."""
+    import torch
+
+    from softprompt.base import load_base
+
+    auth = Auth.from_file(keys) if keys else Auth()
+    base = load_base(model, device=device)
+    from softprompt.precision import resolve_precision
+
+    if resolve_precision(precision, base.device).bf16:  # converted once: autocast would re-cast every forward
+        base.model.to(torch.bfloat16)
+    if pack_weights:
+        from softprompt.serve.packed import pack_linears
+
+        n = pack_linears(base.model)
+        if n:
+            logging.getLogger("softprompt.serve").info("%d linear layers prepacked for oneDNN", n)
+    registry = Registry(base, prompts, budget_bytes=prompt_memory_bytes)
+    return Server(base, registry, auth, limits, max_batch=max_batch, max_queue=max_queue,
+                  max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache, cache_bytes=cache_bytes,
+                  watch_interval=watch_interval)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="softprompt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return APIError(400, str(exc.errors()[0].get("msg", "invalid request"))).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        server.metrics.request(request.url.path if request.url.path.startswith(("/v1/", "/health", "/metrics")) else "other",
+                               response.status_code)
+        return response
+
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
+    """Serve until SIGINT or SIGTERM: HTTP in a thread, the engine in this (main) thread, so the
+    thread that loaded the model keeps torch's CPU workers to itself (see Engine.run)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from softprompt.errors import SoftPromptError
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level)
+    server.engine_thread = False
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, name="softprompt-http", daemon=True)
+
+    def on_signal(signum, frame) -> None:
+        web.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread.start()
+    try:
+        server.engine.run(should_stop=lambda: web.should_exit or not thread.is_alive())
+    finally:
+        web.should_exit = True
+        thread.join(timeout=30)
+    if not web.started:
+        raise SoftPromptError(f"the HTTP server did not start on {config.host}:{config.port} (see the log above)")
+    return 0

@@ -1,0 +1,52 @@
+"""Admin endpoints (an admin key only): list, upload or replace, and remove prompts, and rescan the
+prompts directory."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+
+from fastapi import APIRouter, Request
+
+from softprompt.serve.errors import APIError
+from softprompt.serve.routes.deps import AdminDep, ServerDep
+from softprompt.serve.schemas import read_json
+
+router = APIRouter(prefix="/admin")
+
+
+@router.get("/prompts")
+async def admin_list(server: ServerDep, _: AdminDep):
+    return {"prompts": server.registry.status()}
+
+
+@router.put("/prompts/{name}")
+async def admin_put(name: str, request: Request, server: ServerDep, _: AdminDep):
+    data = await read_json(request, server.limits.max_admin_body_bytes)
+    meta, tensors = data.get("meta"), data.get("tensors")
+    if not isinstance(meta, dict):
+        raise APIError(400, "'meta' must be the artifact's prompt.json as an object", param="meta")
+    if not isinstance(tensors, str):
+        raise APIError(400, "'tensors' must be prompt.safetensors, base64-encoded", param="tensors")
+    try:
+        raw = base64.b64decode(tensors, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "'tensors' is not valid base64", param="tensors") from None
+    try:
+        entry = await asyncio.to_thread(server.registry.install, name, meta, raw)
+    except Exception as e:  # noqa: BLE001 - the reason goes back to the admin
+        raise APIError(400, f"prompt {name!r} refused: {e}", param="meta") from None
+    return {"name": name, "kind": entry.kind, "hash": entry.hash}
+
+
+@router.delete("/prompts/{name}")
+async def admin_delete(name: str, server: ServerDep, _: AdminDep):
+    if not await asyncio.to_thread(server.registry.remove, name):
+        raise APIError(404, f"no prompt named {name!r}", param="name", code="model_not_found")
+    return {"name": name, "deleted": True}
+
+
+@router.post("/reload")
+async def admin_reload(server: ServerDep, _: AdminDep):
+    await asyncio.to_thread(server.registry.scan)
+    return {"prompts": server.registry.status()}

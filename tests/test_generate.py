@@ -1,0 +1,102 @@
+"""softprompt.generate on the tiny model: greedy decoding equals an argmax loop over plain forwards
+(no cache), stop strings cut the text (streamed or not), a padded batch equals each input alone,
+and sample_next's greedy and nucleus edges."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.encoding import PromptFormat, collate
+from softprompt.examples import Example
+from softprompt.generate import SamplingParams, generate, generate_ids, sample_next
+from softprompt.prompts import PromptTuning
+from softprompt.template import parse_template
+
+TEXTS = ["hello there", "x", "a much longer input, so that the shorter rows are padded on the left", "the movie"]
+
+
+def _by_hand(base, prompt, ids: list[int], steps: int) -> list[int]:
+    """Greedy continuation of ``ids``: each step a whole forward over the sequence so far, no cache."""
+    out: list[int] = []
+    for _ in range(steps):
+        x = torch.tensor([ids + out])
+        with torch.no_grad():
+            if prompt is None:
+                logits = base.model(input_ids=x).logits[0, -1]
+            else:
+                logits = base.model(**prompt.model_inputs(base.model, x, torch.ones_like(x))).logits[0, -1]
+        t = int(logits.argmax())
+        if t in base.eos_ids():
+            break
+        out.append(t)
+    return out
+
+
+@pytest.fixture()
+def soft(tiny):
+    torch.manual_seed(0)
+    return PromptTuning(5, tiny.hidden_size, init=torch.randn(5, tiny.hidden_size))
+
+
+@pytest.mark.parametrize("with_prompt", [False, True], ids=["bare-model", "prompt-tuning"])
+def test_greedy_generate_equals_an_argmax_loop_over_plain_forwards(tiny, soft, with_prompt):
+    prompt = soft if with_prompt else None
+    fmt = PromptFormat(tiny.tokenizer, parse_template("[soft:2] Q: {input} [soft:3] A:" if with_prompt else "{input}"),
+                       chat=with_prompt)
+    got = generate(tiny, prompt, fmt, TEXTS, SamplingParams(max_new_tokens=8), batch_size=4)
+    for text, out in zip(TEXTS, got):
+        ids = fmt.prompt_ids(Example({"input": text}))
+        want = _by_hand(tiny, prompt, ids, 8)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        assert generate_ids(tiny.model, prompt, batch, SamplingParams(8), tiny.eos_ids())[0] == want
+        assert out == tiny.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(tiny, soft):
+    fmt = PromptFormat(tiny.tokenizer, parse_template("[soft:5] {input}"), chat=False)
+    full = generate(tiny, soft, fmt, TEXTS[:1], SamplingParams(max_new_tokens=16))[0]
+    assert len(full) >= 8
+    stop, later = full[3:6], full[6:8]
+    pieces: list[str] = []
+    params = SamplingParams(max_new_tokens=16, stop=(later, stop))
+    cut = generate(tiny, soft, fmt, TEXTS[:1], params, stream=lambda i, piece: pieces.append(piece))[0]
+    assert cut == full[:full.find(stop)]  # the earliest stop string wins, and is not part of the text
+    assert "".join(pieces) == cut
+    assert generate(tiny, soft, fmt, TEXTS[:1], SamplingParams(max_new_tokens=16, stop=("\x00never",)))[0] == full
+
+
+def test_a_padded_batch_equals_each_input_alone(tiny, soft):
+    """Inputs of different lengths in one left-padded batch (and across batches) give the same
+    greedy text as each alone; streamed pieces land under each input's own index."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("[soft:2] {input} [soft:3]"))
+    alone = [generate(tiny, soft, fmt, [t], SamplingParams(max_new_tokens=6))[0] for t in TEXTS]
+    streamed: dict[int, str] = {}
+    together = generate(tiny, soft, fmt, TEXTS, SamplingParams(max_new_tokens=6), batch_size=3,
+                        stream=lambda i, piece: streamed.__setitem__(i, streamed.get(i, "") + piece))
+    assert together == alone
+    assert [streamed.get(i, "") for i in range(len(TEXTS))] == alone
+
+
+def test_sample_next_greedy_and_top_p_keep_the_best_token():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 4.0]])
+    assert sample_next(logits, SamplingParams(temperature=0), None).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # a nucleus smaller than the top token's mass keeps the top token only
+        assert sample_next(logits, SamplingParams(temperature=1.0, top_p=0.01), g).tolist() == [1, 0]
+    seen = {tuple(sample_next(logits, SamplingParams(temperature=1.0), g).tolist()) for _ in range(50)}
+    assert len(seen) > 1  # with the whole distribution, sampling varies
+
+
+def test_a_row_that_ends_stops_while_the_others_go_on(tiny, soft):
+    """A token made end-of-sequence ends each row where it first appears (not kept); the other rows
+    of the batch keep decoding, each as it would alone."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("[soft:2] {input} [soft:3]"))
+    enc = [fmt.encode(Example({"input": t}), with_target=False) for t in TEXTS]
+    batch = collate(enc, tiny.tokenizer.pad_token_id, left=True)
+    free = generate_ids(tiny.model, soft, batch, SamplingParams(6), eos_ids=[])
+    eos = free[1][2]  # row 1's third token
+    got = generate_ids(tiny.model, soft, batch, SamplingParams(6), eos_ids=[eos])
+    assert got[1] == free[1][:free[1].index(eos)] and any(len(row) == 6 for row in got)
+    for row, e in zip(got, enc):
+        alone = collate([e], tiny.tokenizer.pad_token_id, left=True)
+        assert row == generate_ids(tiny.model, soft, alone, SamplingParams(6), eos_ids=[eos])[0]

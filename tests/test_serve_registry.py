@@ -1,0 +1,107 @@
+"""softprompt serve's prompt registry at run time: a changed prompt is never served stale, broken
+artifacts are refused and logged, the admin endpoints add, replace and remove prompts, and the
+memory budget evicts least recently used prompts."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+
+import httpx
+import openai
+import pytest
+import torch
+from serve_helpers import KEY_A, KEY_ADMIN, _err, _save, _wait
+
+from softprompt.artifact import TENSORS
+from softprompt.base import load_base
+from softprompt.encoding import PromptFormat
+from softprompt.generate import SamplingParams, generate
+from softprompt.prompts import PromptTuning
+from softprompt.serve.registry import Registry
+from softprompt.template import parse_template
+
+
+def test_updated_prompt_is_never_served_stale(live, base, prompts_dir):
+    c = live.client()
+    target = prompts_dir / "replace-me"
+    torch.manual_seed(1)
+    _save(base, target, PromptTuning(4, 32, init=torch.randn(4, 32) * 3), "[soft:4] {input}")
+    _wait(lambda: "replace-me" in live.server.registry.names())
+    old = c.completions.create(model="replace-me", prompt="hello there", max_tokens=8, temperature=0).choices[0].text
+    old_hash = live.server.registry.entries["replace-me"].hash
+    assert old_hash in live.server.cache
+    new_prompt = PromptTuning(4, 32, init=torch.randn(4, 32) * 3)
+    _save(base, target, new_prompt, "[soft:4] {input}")
+    _wait(lambda: live.server.registry.entries["replace-me"].hash != old_hash)
+    new = c.completions.create(model="replace-me", prompt="hello there", max_tokens=8, temperature=0).choices[0].text
+    fmt = PromptFormat(base.tokenizer, parse_template("[soft:4] {input}"))
+    assert new == generate(base, new_prompt, fmt, ["hello there"], SamplingParams(8))[0]
+    assert new != old and old_hash not in live.server.cache
+    shutil.rmtree(target)
+    _wait(lambda: "replace-me" not in live.server.registry.names())
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="replace-me", prompt="x", max_tokens=2)
+
+
+def test_broken_artifacts_are_refused_and_logged(live, base, prompts_dir, other_tiny_dir, caplog):
+    caplog.set_level(logging.ERROR, logger="softprompt")
+    (prompts_dir / "corrupt").mkdir()
+    (prompts_dir / "corrupt" / "prompt.json").write_text("{not json")
+    other = load_base(str(other_tiny_dir), device="cpu")
+    _save(other, prompts_dir / "wrong-base", PromptTuning(2, 32, init=torch.randn(2, 32)), "[soft:2] {input}")
+    shutil.copytree(prompts_dir / "pt", prompts_dir / "truncated")
+    (prompts_dir / "truncated" / TENSORS).write_bytes(b"\x00" * 10)
+    try:
+        _wait(lambda: {"corrupt", "wrong-base", "truncated"} <= {e["name"] for e in live.server.registry.status()})
+        status = {e["name"]: e for e in live.server.registry.status()}
+        assert "corrupt metadata" in status["corrupt"]["error"]
+        assert "trained on base model" in status["wrong-base"]["error"]
+        assert "corrupt tensor file" in status["truncated"]["error"]
+        assert not {"corrupt", "wrong-base", "truncated"} & set(live.server.registry.names())
+        logged = caplog.text
+        assert "'corrupt' refused" in logged and "'wrong-base' refused" in logged
+        r = live.client(KEY_ADMIN).completions.create(model="pt", prompt="x", max_tokens=2)  # others keep serving
+        assert r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.NotFoundError):
+            live.client(KEY_ADMIN).completions.create(model="corrupt", prompt="x", max_tokens=2)
+    finally:
+        for n in ("corrupt", "wrong-base", "truncated"):
+            shutil.rmtree(prompts_dir / n)
+
+
+def test_admin_endpoint_adds_replaces_and_removes(live, base, prompts_dir, tmp_path):
+    h = {"Authorization": f"Bearer {KEY_ADMIN}"}
+    _err(httpx.get(live.url + "/admin/prompts", headers={"Authorization": f"Bearer {KEY_A}"}), 403)
+    _err(httpx.get(live.url + "/admin/prompts"), 401)
+    prompt = PromptTuning(3, 32, init=torch.randn(3, 32))
+    art = _save(base, tmp_path / "up", prompt, "[soft:3] Answer: {input}")
+    body = {"meta": json.loads((art / "prompt.json").read_text()),
+            "tensors": base64.b64encode((art / TENSORS).read_bytes()).decode()}
+    r = httpx.put(live.url + "/admin/prompts/uploaded", headers=h, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert (prompts_dir / "uploaded" / "prompt.json").exists()
+    got = live.client().completions.create(model="uploaded", prompt="hi", max_tokens=5, temperature=0).choices[0].text
+    fmt = PromptFormat(base.tokenizer, parse_template("[soft:3] Answer: {input}"))
+    assert got == generate(base, prompt, fmt, ["hi"], SamplingParams(5))[0]
+    bad = dict(body, tensors=base64.b64encode(b"garbage").decode())
+    assert "refused" in _err(httpx.put(live.url + "/admin/prompts/uploaded", headers=h, json=bad), 400)["message"]
+    assert live.client().completions.create(model="uploaded", prompt="hi", max_tokens=5, temperature=0).choices[0].text == got
+    _err(httpx.put(live.url + "/admin/prompts/base", headers=h, json=body), 400)
+    _err(httpx.put(live.url + "/admin/prompts/x", headers=h, json={"meta": 1, "tensors": "x"}), 400)
+    assert httpx.delete(live.url + "/admin/prompts/uploaded", headers=h).status_code == 200
+    assert not (prompts_dir / "uploaded").exists()
+    _err(httpx.delete(live.url + "/admin/prompts/uploaded", headers=h), 404)
+    with pytest.raises(openai.NotFoundError):
+        live.client().completions.create(model="uploaded", prompt="hi", max_tokens=2)
+
+
+def test_registry_memory_budget_evicts_lru_and_reloads(base, prompts_dir):
+    registry = Registry(base, prompts_dir, budget_bytes=1)  # room for one prompt at a time
+    registry.scan()
+    loaded = [n for n, e in registry.entries.items() if e.loaded is not None]
+    assert len(loaded) == 1 and registry.evictions >= len(registry.names()) - 1
+    a, b = registry.get("pt"), registry.get("hybrid")
+    assert a is not None and b is not None and registry.entries["pt"].loaded is None
+    assert registry.get("pt").hash == a.hash
