@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softprompt.encoding import IGNORE
-from softprompt.prompts.base import SoftPrompt, base_model_inputs
+from softprompt.prompts import SoftPrompt, as_prompt
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -39,9 +39,8 @@ def compile_forward(model: nn.Module, target_only_head: bool = True) -> nn.Modul
 
 
 def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> dict:
-    if prompt is None:
-        return base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
-    return prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    """The forward's inputs for ``batch`` under ``prompt`` (``None``: the bare model)."""
+    return as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
 
 
 def shared_prefix_len(batch: dict) -> int:

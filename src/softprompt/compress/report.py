@@ -16,6 +16,7 @@ from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.io import atomic_write_json, atomic_write_text
 from softprompt.metrics import normalize, rouge_l
+from softprompt.prompts import as_prompt
 from softprompt.scoring import autocast
 
 VARIANTS = {"soft": "soft prompt", "truncated": "truncated context", "none": "no context"}
@@ -106,8 +107,7 @@ def prefill_cost(base, prompt, rows: list[list[int]], repeats: int = 3, bf16: bo
         batch = {"input_ids": torch.tensor([r], device=device), "attention_mask": torch.ones(1, len(r), dtype=torch.long, device=device)}
         for _ in range(repeats):
             t0 = time.perf_counter()
-            inputs = prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"]) if prompt is not None else \
-                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            inputs = as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
             with autocast(device, bf16):
                 out = model(**inputs, use_cache=True)
             int(out.logits[0, -1].argmax())

@@ -18,7 +18,7 @@ from torch import nn
 
 from softprompt.errors import SoftPromptError
 from softprompt.prompts import register
-from softprompt.prompts.base import Materialized
+from softprompt.prompts.base import Materialized, positions
 
 KV_KEY = "prefix_key_values"
 
@@ -135,7 +135,7 @@ class PrefixTuning(Materialized):
             raise SoftPromptError("a prefix prompt takes no [soft] spans in its template; use --tokens N")
         n, b = self.n_virtual, input_ids.shape[0]
         mask = torch.cat([torch.ones(b, n, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
-        position_ids = n + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = n + positions(attention_mask)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                 "past_key_values": self.cache(model, b)}
 

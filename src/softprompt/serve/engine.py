@@ -22,6 +22,7 @@ import torch
 from softprompt.base import BaseModel
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
+from softprompt.prompts import SoftPrompt, as_prompt
 from softprompt.serve.kv_cache import PrefixCache, PrefixKV, materialize
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.registry import LoadedPrompt
@@ -50,6 +51,11 @@ class Request:
     emit: Callable[[tuple], None]
     created: float = field(default_factory=time.monotonic)
     logprobs: int | None = None  # also emit ("token", id, logprob, [(id, logprob)] * this many) per token
+
+    @property
+    def soft_prompt(self) -> SoftPrompt:
+        """The request's soft prompt: the null prompt for the bare base model ("base")."""
+        return as_prompt(self.prompt.prompt if self.prompt is not None else None)
 
 
 @dataclass
@@ -211,10 +217,6 @@ class Engine:
                 and req.ids[:len(lp.prefix_ids)] == lp.prefix_ids)
         return materialize(self.model, lp.prompt, []), fill
 
-    def _embed(self, prompt, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.model.get_input_embeddings()
-        return prompt.embed(emb, ids) if prompt is not None else emb(ids)
-
     @torch.no_grad()
     def _admit(self, reqs: list[Request]) -> None:
         """Give each request a slot holding its cached prefix, and queue the rest of its prompt."""
@@ -224,8 +226,7 @@ class Engine:
         for r in reqs:
             pre, fill = self._prefix(r)
             suf = r.ids[len(pre.ids):]
-            prompt = r.prompt.prompt if r.prompt is not None else None
-            embeds = self._embed(prompt, torch.tensor([suf], device=self.device))[0].to(dtype)
+            embeds = r.soft_prompt.embed(self.model.get_input_embeddings(), torch.tensor([suf], device=self.device))[0].to(dtype)
             start = pre.start_pos + len(pre.ids)
             row = _Row(r, slot=len(self.rows), length=pre.n_slots, pending=embeds, fill=fill, n_fixed=pre.n_fixed,
                        next_pos=start, prefix_tokens=len(pre.ids))
