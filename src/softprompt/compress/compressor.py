@@ -24,9 +24,10 @@ from softprompt.compress.distill import OBJECTIVES, continuation_logits, distill
 from softprompt.compress.layout import Layout, Renderer, make_layout
 from softprompt.compress.queries import Query, generate_queries, split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
-from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, common_prefix, load_entries, save_entries
+from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, load_entries, save_entries
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
+from softprompt.kv_prefix import reusable_prefix
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.scoring import autocast
 from softprompt.train import TrainConfig, lr_lambda
@@ -182,7 +183,7 @@ class Compressor:
             return entries, True
         c = self.cfg
         rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
-        self.teacher.set_prefix(common_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
+        self.teacher.set_prefix(reusable_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
         self.teacher_kv_prefix = len(self.teacher._prefix or [])
         gen = torch.Generator(device=self.teacher.device).manual_seed(c.seed)
         entries = []
@@ -270,7 +271,7 @@ class Compressor:
         conts = [e.cont for e in heldout]
         teacher_texts = [decode(tok, e.cont) for e in heldout]
         ctx_end = self.renderer.span_end(heldout[0].query, len(self.ctx_ids))
-        self.teacher.set_prefix(common_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
+        self.teacher.set_prefix(reusable_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
         teacher_logits = [self.teacher.forced_logits(e.ids, e.cont).cpu() for e in heldout]
         answers = [next((q.answers for q in self.heldout_q if q.text == e.query), ()) for e in heldout]
         variants = {"soft": (self.prompt, [self.renderer.fill(e.query, None) for e in heldout]),

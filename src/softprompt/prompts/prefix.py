@@ -119,16 +119,12 @@ class PrefixTuning(Materialized):
 
     def cache(self, model: nn.Module, batch_size: int):
         """A fresh DynamicCache holding the prefix for ``batch_size`` rows (the model appends to it)."""
-        from transformers import DynamicCache
+        from softprompt.kv_prefix import kv_cache
 
         device = next(model.parameters()).device
         dtype = _compute_dtype(device, next(model.parameters()).dtype)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        cache = DynamicCache(config=cfg)
-        for i, (k, v) in enumerate(self.prefix_kv()):
-            shape = (batch_size, *k.shape)
-            cache.update(k.to(device, dtype).unsqueeze(0).expand(shape), v.to(device, dtype).unsqueeze(0).expand(shape), i)
-        return cache
+        return kv_cache(self.prefix_kv(), batch_size, device, dtype, config=cfg)
 
     def model_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         if (input_ids < 0).any():

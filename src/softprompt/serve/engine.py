@@ -22,6 +22,7 @@ import torch
 from softprompt.base import BaseModel
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
+from softprompt.kv_prefix import common_prefix_len, extends
 from softprompt.prompts import SoftPrompt, as_prompt
 from softprompt.serve.kv_cache import PrefixCache, PrefixKV, materialize
 from softprompt.serve.metrics import Metrics
@@ -206,15 +207,9 @@ class Engine:
         if self.cache.enabled:
             pre = self.cache.get(lp.hash)
             if pre is not None:
-                n = 0
-                for a, b in zip(pre.ids, req.ids):
-                    if a != b:
-                        break
-                    n += 1
-                return pre.truncated(min(n, len(req.ids) - 1)), False
+                return pre.truncated(min(common_prefix_len([pre.ids, req.ids]), len(req.ids) - 1)), False
         # Only a prefix-tuning prompt's own keys/values come ready-made; the tokens run in the prefill.
-        fill = (self.cache.enabled and len(req.ids) > len(lp.prefix_ids)
-                and req.ids[:len(lp.prefix_ids)] == lp.prefix_ids)
+        fill = self.cache.enabled and extends(req.ids, lp.prefix_ids)
         return materialize(self.model, lp.prompt, []), fill
 
     @torch.no_grad()
