@@ -20,7 +20,7 @@ import torch
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
-from softprompt.compress.distill import OBJECTIVES, continuation_logits, distill_loss, rows_batch
+from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
 from softprompt.compress.layout import Layout, Renderer, make_layout
 from softprompt.compress.queries import Query, generate_queries, split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
@@ -28,6 +28,7 @@ from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key,
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.kv_prefix import reusable_prefix
+from softprompt.objectives import target_logits
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.scoring import autocast
 from softprompt.train import TrainConfig, lr_lambda
@@ -226,7 +227,7 @@ class Compressor:
             targets = torch.tensor([t for i in idx for t in entries[i].cont], device=base.device)
             teacher = TeacherDists.cat([entries[i].dists for i in idx]).to(base.device) if c.objective != "loglik" else None
             with autocast(base.device, c.bf16):
-                logits = continuation_logits(base.model, prompt, batch)
+                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
             loss = distill_loss(c.objective, logits, teacher, targets, c.temperature) / len(targets)
             if not torch.isfinite(loss.detach()):
                 raise SoftPromptError(f"non-finite loss at step {step}: lower --lr")
@@ -258,7 +259,7 @@ class Compressor:
             targets = torch.tensor([t for e in chunk for t in e.cont], device=base.device)
             teacher = TeacherDists.cat([e.dists for e in chunk]).to(base.device) if c.objective != "loglik" else None
             with autocast(base.device, c.bf16):
-                logits = continuation_logits(base.model, prompt, batch)
+                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
             total += float(distill_loss(c.objective, logits, teacher, targets, c.temperature))
             count += len(targets)
         return total / max(count, 1)

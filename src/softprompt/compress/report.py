@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from softprompt.compress.distill import continuation_logits, kl_loss, rows_batch
+from softprompt.compress.distill import kl_loss, rows_batch
 from softprompt.compress.teacher import TeacherDists
 from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.io import atomic_write_json, atomic_write_text
 from softprompt.metrics import normalize, rouge_l
+from softprompt.objectives import target_logits
 from softprompt.prompts import as_prompt
 from softprompt.scoring import autocast
 
@@ -48,7 +49,7 @@ def forced_logits(model, prompt, prompt_rows: list[list[int]], conts: list[list[
     for i in range(0, len(prompt_rows), batch_size):
         rows = list(zip(prompt_rows[i:i + batch_size], conts[i:i + batch_size]))
         with autocast(device, bf16):
-            logits = continuation_logits(model, prompt, rows_batch(rows, pad_id, device)).float()
+            logits = target_logits(model, prompt, rows_batch(rows, pad_id, device), share_prefix=False)[0].float()
         out += list(logits.split([len(c) for _, c in rows]))
     return out
 
