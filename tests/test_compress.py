@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from softprompt.compress import CompressConfig, Compressor, Query, compress, read_queries, split_queries
-from softprompt.compress.distill import continuation_logits, kl_loss, rows_batch
+from softprompt.compress.distill import kl_loss, rows_batch
 from softprompt.compress.layout import Renderer, make_layout
 from softprompt.compress.teacher import TeacherDists, compress_dist
 from softprompt.errors import DataError, SoftPromptError
+from softprompt.objectives import target_logits
 
 CONTEXT = ("The harbor town of Vell sits between two cliffs. Its lighthouse was built in 1871 by Ada Moreau, "
            "who also founded the town's school. Fishing boats leave at dawn and return before noon.")
@@ -40,13 +41,13 @@ def test_kl_is_zero_when_student_sees_the_teachers_input(tiny, tmp_path, topk, r
     assert not hit
     # The student path (no soft prompt, no KV cache, whole padded batch) fed the teacher's own ids.
     rows = [(job.renderer.fill(e.query, job.ctx_ids), e.cont) for e in entries]
-    logits = continuation_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device))
+    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
     dists = TeacherDists.cat([e.dists for e in entries])
     n = sum(len(e.cont) for e in entries)
     assert float(kl_loss(logits, dists, reverse=reverse)) / n < 1e-5
     # ... and clearly non-zero when the context is missing.
     rows = [(job.renderer.fill(e.query, []), e.cont) for e in entries]
-    logits = continuation_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device))
+    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
     assert float(kl_loss(logits, dists, reverse=reverse)) / n > 1e-3
 
 

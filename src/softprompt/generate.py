@@ -10,9 +10,8 @@ import torch
 from softprompt.base import BaseModel
 from softprompt.encoding import PromptFormat, collate
 from softprompt.examples import Example
-from softprompt.prompts import SoftPrompt
-from softprompt.prompts.base import base_model_inputs
 from softprompt.precision import autocast
+from softprompt.prompts import SoftPrompt, as_prompt
 
 
 @dataclass
@@ -43,10 +42,7 @@ def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: Sampling
     """New token ids per row for a left-padded batch (``input_ids`` may hold slot markers)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    if prompt is None:
-        inputs = base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
-    else:
-        inputs = prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    inputs = as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
     mask, pos = inputs["attention_mask"], inputs["position_ids"]
     n = batch["input_ids"].shape[0]
     out: list[list[int]] = [[] for _ in range(n)]

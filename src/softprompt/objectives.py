@@ -6,7 +6,8 @@ them cheap:
 * a *shared prefix* (the leading tokens every row of the batch has in common: the chat header, the
   soft tokens, the template's text before the first field) runs once, as one row, and its keys and
   values are broadcast to every row for the rest of the sequence. Attention is causal, so these
-  positions do not depend on the row; gradients from all rows sum back into the one copy.
+  positions do not depend on the row; gradients from all rows sum back into the one copy
+  (:func:`softprompt.kv_prefix.forward_with_prefix`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from softprompt.encoding import IGNORE
-from softprompt.prompts.base import SoftPrompt, base_model_inputs
+from softprompt.kv_prefix import batch_prefix_len, forward_with_prefix
+from softprompt.prompts import SoftPrompt, as_prompt
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -39,67 +41,30 @@ def compile_forward(model: nn.Module, target_only_head: bool = True) -> nn.Modul
 
 
 def model_inputs(model: nn.Module, prompt: SoftPrompt | None, batch: dict) -> dict:
-    if prompt is None:
-        return base_model_inputs(model, batch["input_ids"], batch["attention_mask"])
-    return prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    """The forward's inputs for ``batch`` under ``prompt`` (``None``: the bare model)."""
+    return as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
 
 
 def shared_prefix_len(batch: dict) -> int:
     """Leading positions identical in every row (ids and mask) and before every row's first target,
     leaving at least one position to run per row."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, labels = batch["input_ids"], batch["labels"]
     if ids.shape[0] < 2:
         return 0
-    same = ((ids == ids[:1]) & (mask == 1)).all(0).long()
-    m = int(same.cumprod(0).sum())
+    m = batch_prefix_len(ids, batch["attention_mask"])
     has_target = (labels != IGNORE).any(0).long()
     first_target = int(has_target.argmax()) if bool(has_target.any()) else ids.shape[1]
     return max(0, min(m, first_target - 1, ids.shape[1] - 1))
-
-
-def _rows(cache, start: int, stop: int):
-    from transformers import DynamicCache
-
-    out = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys[start:stop], layer.values[start:stop], i)
-    return out
-
-
-def _broadcast(cache, rows: int):
-    from transformers import DynamicCache
-
-    out = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        k, v = layer.keys, layer.values
-        out.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), i)
-    return out
-
-
-def _with_shared_prefix(net: nn.Module, inputs: dict, m: int):
-    """Run ``net`` on positions ``m:`` of every row after running the shared positions ``:m`` once.
-    Returns the output whose sequence covers positions ``m:``."""
-    b = inputs["attention_mask"].shape[0]
-    seq = "inputs_embeds" if "inputs_embeds" in inputs else "input_ids"
-    width = inputs[seq].shape[1]
-    n_extra = inputs["attention_mask"].shape[1] - width  # positions a kind placed in the cache (prefix)
-    head = {seq: inputs[seq][:1, :m], "attention_mask": inputs["attention_mask"][:1, :n_extra + m],
-            "position_ids": inputs["position_ids"][:1, :m]}
-    if inputs.get("past_key_values") is not None:
-        head["past_key_values"] = _rows(inputs["past_key_values"], 0, 1)
-    cache = net(**head, use_cache=True).past_key_values
-    tail = {seq: inputs[seq][:, m:], "attention_mask": inputs["attention_mask"],
-            "position_ids": inputs["position_ids"][:, m:], "past_key_values": _broadcast(cache, b)}
-    return net(**tail, use_cache=False)
 
 
 def target_logits(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_only_head: bool = True,
                   share_prefix: bool = True, compiled: nn.Module | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a target token (next-token shifted), with those targets
-    and each one's row: ``([n, vocab], [n], [n])``. ``compiled`` is a compiled stand-in (see
-    ``compile_forward``) for the module that runs the positions: the backbone when the head runs
-    apart, else the whole model."""
+    and each one's row: ``([n, vocab], [n], [n])``, row by row; with ``target_only_head`` the LM head
+    runs only there. ``share_prefix`` runs the batch's common leading tokens once (exact; see the
+    module docstring). ``compiled`` is a compiled stand-in (see ``compile_forward``) for the module
+    that runs the positions: the backbone when the head runs apart, else the whole model."""
     inputs = model_inputs(model, prompt, batch)
     m = shared_prefix_len(batch) if share_prefix else 0
     labels = batch["labels"][:, m + 1:]
@@ -109,13 +74,13 @@ def target_logits(model: nn.Module, prompt: SoftPrompt | None, batch: dict, targ
     if parts is not None:
         backbone, head = parts
         net = backbone if compiled is None else compiled
-        out = _with_shared_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
+        out = forward_with_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
         hidden = out.last_hidden_state
         hidden = hidden[:, hidden.shape[1] - labels.shape[1] - 1:-1]  # drops a kind's extra positions
         logits = head(hidden[sel])
     else:
         net = model if compiled is None else compiled
-        out = _with_shared_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
+        out = forward_with_prefix(net, inputs, m) if m else net(**inputs, use_cache=False)
         logits = out.logits
         logits = logits[:, logits.shape[1] - labels.shape[1] - 1:-1][sel]
     return logits, labels[sel], rows

@@ -20,13 +20,15 @@ import torch
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
-from softprompt.compress.distill import OBJECTIVES, continuation_logits, distill_loss, rows_batch
+from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
 from softprompt.compress.layout import Layout, Renderer, make_layout
 from softprompt.compress.queries import Query, generate_queries, split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
-from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, common_prefix, load_entries, save_entries
+from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, load_entries, save_entries
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
+from softprompt.kv_prefix import reusable_prefix
+from softprompt.objectives import target_logits
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
 from softprompt.train import TrainConfig, lr_lambda
@@ -184,7 +186,7 @@ class Compressor:
             return entries, True
         c = self.cfg
         rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
-        self.teacher.set_prefix(common_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
+        self.teacher.set_prefix(reusable_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
         self.teacher_kv_prefix = len(self.teacher._prefix or [])
         gen = torch.Generator(device=self.teacher.device).manual_seed(c.seed)
         entries = []
@@ -227,7 +229,7 @@ class Compressor:
             targets = torch.tensor([t for i in idx for t in entries[i].cont], device=base.device)
             teacher = TeacherDists.cat([entries[i].dists for i in idx]).to(base.device) if c.objective != "loglik" else None
             with autocast(base.device, self.bf16):
-                logits = continuation_logits(base.model, prompt, batch)
+                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
             loss = distill_loss(c.objective, logits, teacher, targets, c.temperature) / len(targets)
             if not torch.isfinite(loss.detach()):
                 raise SoftPromptError(f"non-finite loss at step {step}: lower --lr")
@@ -259,7 +261,7 @@ class Compressor:
             targets = torch.tensor([t for e in chunk for t in e.cont], device=base.device)
             teacher = TeacherDists.cat([e.dists for e in chunk]).to(base.device) if c.objective != "loglik" else None
             with autocast(base.device, self.bf16):
-                logits = continuation_logits(base.model, prompt, batch)
+                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
             total += float(distill_loss(c.objective, logits, teacher, targets, c.temperature))
             count += len(targets)
         return total / max(count, 1)
@@ -272,7 +274,7 @@ class Compressor:
         conts = [e.cont for e in heldout]
         teacher_texts = [decode(tok, e.cont) for e in heldout]
         ctx_end = self.renderer.span_end(heldout[0].query, len(self.ctx_ids))
-        self.teacher.set_prefix(common_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
+        self.teacher.set_prefix(reusable_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
         teacher_logits = [self.teacher.forced_logits(e.ids, e.cont).cpu() for e in heldout]
         answers = [next((q.answers for q in self.heldout_q if q.text == e.query), ()) for e in heldout]
         variants = {"soft": (self.prompt, [self.renderer.fill(e.query, None) for e in heldout]),
@@ -311,7 +313,6 @@ class Compressor:
 
     # -- the whole job -----------------------------------------------------------------------------
     def run(self) -> CompressResult:
-        c = self.cfg
         self.split()
         t0 = time.perf_counter()
         f0 = self.teacher.forwards

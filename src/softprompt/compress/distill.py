@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from softprompt.compress.teacher import TeacherDists
 from softprompt.encoding import IGNORE, Encoded, collate
-from softprompt.objectives import model_inputs, split_model
 
 OBJECTIVES = ("forward_kl", "reverse_kl", "loglik")
 _TINY = 1e-12
@@ -64,15 +63,3 @@ def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> 
     items = [Encoded(p + c, [IGNORE] * len(p) + c, len(p)) for p, c in rows]
     return {k: v.to(device) for k, v in collate(items, pad_id).items()}
 
-
-def continuation_logits(model, prompt, batch: dict) -> torch.Tensor:
-    """``[n_tokens, vocab]`` logits predicting every continuation token of the batch, row by row
-    (the LM head runs only there)."""
-    inputs = model_inputs(model, prompt, batch)
-    sel = batch["labels"][:, 1:] != IGNORE
-    parts = split_model(model)
-    if parts is not None:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        return head(hidden[:, :-1][sel])
-    return model(**inputs, use_cache=False).logits[:, :-1][sel]

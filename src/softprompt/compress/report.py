@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from softprompt.compress.distill import continuation_logits, kl_loss, rows_batch
+from softprompt.compress.distill import kl_loss, rows_batch
 from softprompt.compress.teacher import TeacherDists
 from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.io import atomic_write_json, atomic_write_text
 from softprompt.metrics import normalize, rouge_l
+from softprompt.objectives import target_logits
+from softprompt.prompts import as_prompt
 from softprompt.precision import autocast
 
 VARIANTS = {"soft": "soft prompt", "truncated": "truncated context", "none": "no context"}
@@ -47,7 +49,7 @@ def forced_logits(model, prompt, prompt_rows: list[list[int]], conts: list[list[
     for i in range(0, len(prompt_rows), batch_size):
         rows = list(zip(prompt_rows[i:i + batch_size], conts[i:i + batch_size]))
         with autocast(device, bf16):
-            logits = continuation_logits(model, prompt, rows_batch(rows, pad_id, device)).float()
+            logits = target_logits(model, prompt, rows_batch(rows, pad_id, device), share_prefix=False)[0].float()
         out += list(logits.split([len(c) for _, c in rows]))
     return out
 
@@ -106,8 +108,7 @@ def prefill_cost(base, prompt, rows: list[list[int]], repeats: int = 3, bf16: bo
         batch = {"input_ids": torch.tensor([r], device=device), "attention_mask": torch.ones(1, len(r), dtype=torch.long, device=device)}
         for _ in range(repeats):
             t0 = time.perf_counter()
-            inputs = prompt.model_inputs(model, batch["input_ids"], batch["attention_mask"]) if prompt is not None else \
-                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            inputs = as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
             with autocast(device, bf16):
                 out = model(**inputs, use_cache=True)
             int(out.logits[0, -1].argmax())

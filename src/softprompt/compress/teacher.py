@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from softprompt.base import BaseModel
 from softprompt.io import atomic_save_tensors
+from softprompt.kv_prefix import extends, rewind
 from softprompt.precision import autocast
 
 
@@ -92,12 +93,6 @@ class Teacher:
         with autocast(self.device, self.bf16):
             return self.model(input_ids=t, position_ids=pos, past_key_values=cache, use_cache=True)
 
-    def _rewind(self) -> None:
-        """Drop everything after the context prefix from the cache (in place, no recomputation)."""
-        extra = self._cache.get_seq_length() - len(self._prefix)
-        if extra > 0:
-            self._cache.crop(-extra)
-
     @torch.no_grad()
     def set_prefix(self, prefix: list[int]) -> None:
         """Compute the KV cache of ``prefix`` (the context) once."""
@@ -108,22 +103,22 @@ class Teacher:
         self._prefix = list(prefix)
 
     @torch.no_grad()
-    def _start(self, ids: list[int]):
-        """Logits after ``ids`` and a cache holding them, reusing the context's cache when it applies."""
-        p = self._prefix
-        if p is not None and len(ids) > len(p) and ids[: len(p)] == p:
-            self._rewind()
-            out = self._forward(ids[len(p):], len(p), self._cache)
-        else:
-            out = self._forward(ids, 0, DynamicCache(config=self.model.config))
-        return out
+    def _run(self, ids: list[int], cont: list[int] | tuple = ()):
+        """The forward over ``ids + cont`` with a cache holding them, reusing the context's cache when
+        ``ids`` extends it (the cache is rewound to the context first); returns the output and the
+        position its first logits are at."""
+        p, full = self._prefix, list(ids) + list(cont)
+        if p is not None and extends(ids, p):
+            rewind(self._cache, len(p))
+            return self._forward(full[len(p):], len(p), self._cache), len(p)
+        return self._forward(full, 0, DynamicCache(config=self.model.config)), 0
 
     @torch.no_grad()
     def continue_(self, ids: list[int], max_new_tokens: int, temperature: float, topk: int,
                   sample_temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[list[int], TeacherDists]:
         """Decode a continuation of ``ids`` and keep the distribution at each of its tokens."""
         eos = set(self.base.eos_ids())
-        out = self._start(ids)
+        out, _ = self._run(ids)
         cont, logits_rows = [], []
         pos = len(ids)
         for _ in range(max_new_tokens):
@@ -143,29 +138,9 @@ class Teacher:
     @torch.no_grad()
     def forced_logits(self, ids: list[int], cont: list[int]) -> torch.Tensor:
         """``[len(cont), vocab]`` teacher logits along ``cont`` (teacher forcing, context cache reused)."""
-        full = list(ids) + list(cont)
-        p = self._prefix
-        if p is not None and len(ids) > len(p) and ids[: len(p)] == p:
-            self._rewind()
-            logits = self._forward(full[len(p):], len(p), self._cache).logits[0]
-            first = len(ids) - len(p) - 1
-        else:
-            logits = self._forward(full, 0, None).logits[0]
-            first = len(ids) - 1
-        return logits[first:first + len(cont)].float()
-
-
-def common_prefix(rows: list[list[int]], limit: int) -> list[int]:
-    """Longest prefix shared by all rows, at most ``limit`` long and shorter than every row."""
-    n = min(min(len(r) for r in rows) - 1, limit)
-    first = rows[0]
-    for r in rows[1:]:
-        i = 0
-        while i < n and r[i] == first[i]:
-            i += 1
-        n = i
-    return first[:max(n, 0)]
-
+        out, start = self._run(ids, cont)
+        first = len(ids) - start - 1
+        return out.logits[0][first:first + len(cont)].float()
 
 def save_entries(path: Path, entries: list[Entry], info: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}

@@ -21,5 +21,7 @@ def kind_class(kind: str) -> type[SoftPrompt]:
 
 from softprompt.prompts.p_tuning import PTuning  # noqa: E402  (registers itself)
 from softprompt.prompts.prefix import PrefixTuning  # noqa: E402
+from softprompt.prompts.null import NO_PROMPT, NoPrompt, as_prompt  # noqa: E402  (not a kind: never saved)
 
-__all__ = ["SoftPrompt", "PromptTuning", "PTuning", "PrefixTuning", "KINDS", "register", "kind_class", "marker"]
+__all__ = ["SoftPrompt", "PromptTuning", "PTuning", "PrefixTuning", "KINDS", "register", "kind_class", "marker",
+           "NoPrompt", "NO_PROMPT", "as_prompt"]

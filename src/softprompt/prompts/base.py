@@ -17,6 +17,11 @@ def marker(row: int) -> int:
     return -(row + 1)
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a (left-)padded batch: each row's real tokens count from 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class SoftPrompt(nn.Module):
     """Base class. Subclasses define ``kind``, hold their trainable parameters, and implement
     :meth:`vectors` (input-level kinds) or override :meth:`model_inputs`."""
@@ -45,11 +50,10 @@ class SoftPrompt(nn.Module):
 
     def model_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Keyword arguments for the base model's forward (prefill) on a batch."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return {
             "inputs_embeds": self.embed(model.get_input_embeddings(), input_ids),
             "attention_mask": attention_mask,
-            "position_ids": position_ids,
+            "position_ids": positions(attention_mask),
         }
 
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -108,9 +112,3 @@ class Materialized(SoftPrompt):
         if mode:
             self.materialized = None
         return super().train(mode)
-
-
-def base_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """Inputs for the bare base model (no prompt); ids must hold no slot markers."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -18,7 +18,7 @@ from torch import nn
 
 from softprompt.errors import SoftPromptError
 from softprompt.prompts import register
-from softprompt.prompts.base import Materialized
+from softprompt.prompts.base import Materialized, positions
 
 KV_KEY = "prefix_key_values"
 
@@ -119,23 +119,19 @@ class PrefixTuning(Materialized):
 
     def cache(self, model: nn.Module, batch_size: int):
         """A fresh DynamicCache holding the prefix for ``batch_size`` rows (the model appends to it)."""
-        from transformers import DynamicCache
+        from softprompt.kv_prefix import kv_cache
 
         device = next(model.parameters()).device
         dtype = _compute_dtype(device, next(model.parameters()).dtype)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        cache = DynamicCache(config=cfg)
-        for i, (k, v) in enumerate(self.prefix_kv()):
-            shape = (batch_size, *k.shape)
-            cache.update(k.to(device, dtype).unsqueeze(0).expand(shape), v.to(device, dtype).unsqueeze(0).expand(shape), i)
-        return cache
+        return kv_cache(self.prefix_kv(), batch_size, device, dtype, config=cfg)
 
     def model_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         if (input_ids < 0).any():
             raise SoftPromptError("a prefix prompt takes no [soft] spans in its template; use --tokens N")
         n, b = self.n_virtual, input_ids.shape[0]
         mask = torch.cat([torch.ones(b, n, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
-        position_ids = n + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = n + positions(attention_mask)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                 "past_key_values": self.cache(model, b)}
 

@@ -22,6 +22,8 @@ import torch
 from softprompt.base import BaseModel
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
+from softprompt.kv_prefix import common_prefix_len, extends
+from softprompt.prompts import SoftPrompt, as_prompt
 from softprompt.serve.kv_cache import PrefixCache, PrefixKV, materialize
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.registry import LoadedPrompt
@@ -50,6 +52,11 @@ class Request:
     emit: Callable[[tuple], None]
     created: float = field(default_factory=time.monotonic)
     logprobs: int | None = None  # also emit ("token", id, logprob, [(id, logprob)] * this many) per token
+
+    @property
+    def soft_prompt(self) -> SoftPrompt:
+        """The request's soft prompt: the null prompt for the bare base model ("base")."""
+        return as_prompt(self.prompt.prompt if self.prompt is not None else None)
 
 
 @dataclass
@@ -200,20 +207,10 @@ class Engine:
         if self.cache.enabled:
             pre = self.cache.get(lp.hash)
             if pre is not None:
-                n = 0
-                for a, b in zip(pre.ids, req.ids):
-                    if a != b:
-                        break
-                    n += 1
-                return pre.truncated(min(n, len(req.ids) - 1)), False
+                return pre.truncated(min(common_prefix_len([pre.ids, req.ids]), len(req.ids) - 1)), False
         # Only a prefix-tuning prompt's own keys/values come ready-made; the tokens run in the prefill.
-        fill = (self.cache.enabled and len(req.ids) > len(lp.prefix_ids)
-                and req.ids[:len(lp.prefix_ids)] == lp.prefix_ids)
+        fill = self.cache.enabled and extends(req.ids, lp.prefix_ids)
         return materialize(self.model, lp.prompt, []), fill
-
-    def _embed(self, prompt, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.model.get_input_embeddings()
-        return prompt.embed(emb, ids) if prompt is not None else emb(ids)
 
     @torch.no_grad()
     def _admit(self, reqs: list[Request]) -> None:
@@ -224,8 +221,7 @@ class Engine:
         for r in reqs:
             pre, fill = self._prefix(r)
             suf = r.ids[len(pre.ids):]
-            prompt = r.prompt.prompt if r.prompt is not None else None
-            embeds = self._embed(prompt, torch.tensor([suf], device=self.device))[0].to(dtype)
+            embeds = r.soft_prompt.embed(self.model.get_input_embeddings(), torch.tensor([suf], device=self.device))[0].to(dtype)
             start = pre.start_pos + len(pre.ids)
             row = _Row(r, slot=len(self.rows), length=pre.n_slots, pending=embeds, fill=fill, n_fixed=pre.n_fixed,
                        next_pos=start, prefix_tokens=len(pre.ids))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.prompts import SoftPrompt
+from softprompt.kv_prefix import layer_kv, run_prefix
+from softprompt.prompts import SoftPrompt, as_prompt
 
 
 @dataclass
@@ -68,31 +69,16 @@ def content_hash(prompt: SoftPrompt, template_source: str, fmt: dict) -> str:
 @torch.no_grad()
 def materialize(model: torch.nn.Module, prompt: SoftPrompt | None, ids: list[int]) -> PrefixKV:
     """Run a prompt's prefix (``ids``, slot markers allowed) through the frozen ``model`` once."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    fixed = prompt.prefix_kv() if prompt is not None else None
+    prompt = as_prompt(prompt)
+    fixed = prompt.prefix_kv()
     n_fixed = int(fixed[0][0].shape[1]) if fixed else 0
-    dtype = next(model.parameters()).dtype
     if not ids:
-        if not fixed:
-            return PrefixKV([], [], [], 0, 0)
-        return PrefixKV([k.to(device, dtype) for k, _ in fixed], [v.to(device, dtype) for _, v in fixed], [],
-                        n_fixed, n_fixed)
-    cache = DynamicCache()
-    if fixed:
-        for i, (k, v) in enumerate(fixed):
-            cache.update(k.to(device, dtype).unsqueeze(0), v.to(device, dtype).unsqueeze(0), i)
-    t = torch.tensor([ids], device=device)
-    if prompt is not None and prompt.input_level:
-        embeds = prompt.embed(model.get_input_embeddings(), t)
-    else:
-        embeds = model.get_input_embeddings()(t)
-    pos = torch.arange(n_fixed, n_fixed + len(ids), device=device).unsqueeze(0)
-    mask = torch.ones(1, n_fixed + len(ids), dtype=torch.long, device=device)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    layers = out.past_key_values.layers
-    return PrefixKV([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers], list(ids), n_fixed, n_fixed)
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        return PrefixKV([k.to(device, dtype) for k, _ in fixed or []], [v.to(device, dtype) for _, v in fixed or []],
+                        [], n_fixed, n_fixed)
+    t = torch.tensor([ids], device=next(model.parameters()).device)
+    keys, values = layer_kv(run_prefix(model, prompt.model_inputs(model, t, torch.ones_like(t)), len(ids)))
+    return PrefixKV(keys, values, list(ids), n_fixed, n_fixed)
 
 
 class PrefixCache:

@@ -21,6 +21,7 @@ from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
 from softprompt.examples import Example
 from softprompt.io import atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from softprompt.kv_prefix import common_prefix_len
 from softprompt.serve.kv_cache import content_hash
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ def _signature(path: Path) -> tuple | None:
         return tuple((f, (path / f).stat().st_mtime_ns, (path / f).stat().st_size) for f in (META, TENSORS))
     except OSError:
         return None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass
@@ -87,7 +79,7 @@ def prepare(name: str, path: Path, base: BaseModel) -> LoadedPrompt:
     # The prefix is what every request shares: the tokens before the first field's text. Two
     # different probe texts diverge exactly there.
     probes = [fmt.prompt_ids(Example({f: p for f in art.template.fields})) for p in ("a", "b")]
-    prefix = probes[0][:_common_prefix(*probes)]
+    prefix = probes[0][:common_prefix_len(probes)]
     nbytes = sum(t.numel() * t.element_size() for t in art.prompt.export_tensors().values())
     h = content_hash(art.prompt, art.template.to_string(), fmt.describe())
     return LoadedPrompt(name, art, fmt, h, prefix, first, nbytes)

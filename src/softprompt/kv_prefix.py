@@ -1,0 +1,135 @@
+"""The KV prefix: every prompt becomes, at run time, keys and values placed before a row's own tokens.
+
+Training (a batch's shared leading tokens), compression (the teacher's context) and serving (each
+prompt's fixed prefix) all do the same two things, and this module is where they are written once:
+
+* find the *common prefix*: the leading tokens that several rows share (of token-id lists, or of a
+  padded batch's columns);
+* run that prefix through the frozen model once and reuse its keys/values: broadcast them to every
+  row, slice rows out of a cache, or rewind a cache back to the prefix after a row has appended to it.
+
+Attention is causal, so a position's keys/values depend only on the positions before it: reusing
+them is exact. Low-level on purpose: it imports torch and transformers only.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+# -- common prefixes -------------------------------------------------------------------------------
+def common_prefix_len(rows: Sequence[Sequence[int]], limit: int | None = None) -> int:
+    """Length of the longest prefix every row shares, at most ``limit`` (0 for no rows; a single row
+    shares all of itself)."""
+    if not rows:
+        return 0
+    n = min(len(r) for r in rows)
+    if limit is not None:
+        n = min(n, limit)
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def reusable_prefix(rows: Sequence[Sequence[int]], limit: int | None = None) -> list[int]:
+    """The longest prefix shared by all rows that is shorter than every row (each row keeps at least
+    one token of its own to run, whose logits it needs), at most ``limit`` long."""
+    if not rows:
+        return []
+    n = min(common_prefix_len(rows, limit), min(len(r) for r in rows) - 1)
+    return list(rows[0][:max(n, 0)])
+
+
+def extends(ids: Sequence[int], prefix: Sequence[int]) -> bool:
+    """Whether ``ids`` starts with ``prefix`` and goes on past it (so ``prefix``'s cache applies)."""
+    return len(ids) > len(prefix) and list(ids[:len(prefix)]) == list(prefix)
+
+
+def batch_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Leading columns of a ``[batch, seq]`` batch that are identical in every row and unmasked."""
+    same = ((ids == ids[:1]) & (mask == 1)).all(0).long()
+    return int(same.cumprod(0).sum())
+
+
+# -- caches ----------------------------------------------------------------------------------------
+def kv_cache(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int, device, dtype,
+             config=None):
+    """A fresh DynamicCache holding per-layer ``(key, value)`` of shape ``[kv_heads, n, head_dim]``
+    for ``batch_size`` rows (a view, not a copy, of each; the model appends to it)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    for i, (k, v) in enumerate(pairs):
+        shape = (batch_size, *k.shape)
+        cache.update(k.to(device, dtype).unsqueeze(0).expand(shape), v.to(device, dtype).unsqueeze(0).expand(shape), i)
+    return cache
+
+
+def cache_rows(cache, start: int, stop: int):
+    """A new DynamicCache holding rows ``start:stop`` of ``cache``."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[start:stop], layer.values[start:stop], i)
+    return out
+
+
+def broadcast(cache, rows: int):
+    """A new DynamicCache with the one row of ``cache`` seen by ``rows`` rows (expanded, not copied;
+    gradients from every row sum back into the one copy)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        out.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), i)
+    return out
+
+
+def rewind(cache, length: int) -> None:
+    """Drop everything after the first ``length`` positions of ``cache`` (in place, no recomputation)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def layer_kv(cache, row: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer keys and values of one row of ``cache``, each ``[kv_heads, seq, head_dim]``."""
+    return [layer.keys[row] for layer in cache.layers], [layer.values[row] for layer in cache.layers]
+
+
+# -- running a prefix once -------------------------------------------------------------------------
+def _seq_key(inputs: dict) -> str:
+    return "inputs_embeds" if "inputs_embeds" in inputs else "input_ids"
+
+
+def run_prefix(net: nn.Module, inputs: dict, m: int):
+    """Run the first ``m`` positions of the first row of a prompt's model inputs (``model_inputs``:
+    ids or embeddings, mask, position ids, and the cache a kind may place before them) once, and
+    return the cache holding them (the kind's own entries first)."""
+    seq = _seq_key(inputs)
+    n_extra = inputs["attention_mask"].shape[1] - inputs[seq].shape[1]  # positions a kind placed in the cache
+    head = {seq: inputs[seq][:1, :m], "attention_mask": inputs["attention_mask"][:1, :n_extra + m],
+            "position_ids": inputs["position_ids"][:1, :m]}
+    if inputs.get("past_key_values") is not None:
+        head["past_key_values"] = cache_rows(inputs["past_key_values"], 0, 1)
+    return net(**head, use_cache=True).past_key_values
+
+
+def forward_with_prefix(net: nn.Module, inputs: dict, m: int):
+    """``net`` on a batch whose first ``m`` positions are the same in every row: those run once (see
+    :func:`run_prefix`) and their keys/values are broadcast to the rows for positions ``m:``. Returns
+    the output whose sequence covers positions ``m:`` (no cache)."""
+    b = inputs["attention_mask"].shape[0]
+    seq = _seq_key(inputs)
+    cache = run_prefix(net, inputs, m)
+    tail = {seq: inputs[seq][:, m:], "attention_mask": inputs["attention_mask"],
+            "position_ids": inputs["position_ids"][:, m:], "past_key_values": broadcast(cache, b)}
+    return net(**tail, use_cache=False)
