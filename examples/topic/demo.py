@@ -26,7 +26,8 @@ LABELS = ["food", "sports", "weather", "technology"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="runs/topic-prompt", help="where to save the prompt")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="auto (default): bf16 where the CPU runs it natively (AMX, AVX-512-BF16), else fp32")
@@ -46,7 +47,7 @@ def main() -> None:
 
     # 2. Learn a soft prompt: 8 virtual tokens, initialized from a short instruction.
     cfg = TrainConfig(model="smollm2", tokens=args.tokens, init="text:Classify the topic of this text:",
-                      steps=args.steps, batch_size=8, lr=0.03, eval_every=20, seed=0, precision=args.precision)
+                      steps=args.steps, batch_size=args.batch_size, lr=0.03, eval_every=10, seed=0, precision=args.precision)
     res = train(cfg, train_set, dev_set, args.out, base=base)
     prec = res.metrics.get("precision") or load_artifact(res.out, base=base).meta["precision"]
     print(f"trained {res.steps_done} steps in {prec['dtype']} ({prec['setting']}: {prec['reason']}; {prec['hardware']})")

@@ -42,7 +42,7 @@ def hardware_report(device: str = "cpu", measure: bool = True) -> dict:
            "machine": platform.machine()}
     if cap.device == "cuda":
         out["gpu"] = cap.name
-    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
         if os.environ.get(var):
             out[var] = os.environ[var]
     if measure:
@@ -57,7 +57,7 @@ def hardware_line(hw: dict) -> str:
     """One Markdown line for a results file."""
     peaks = hw.get("matmul_gflops")
     peak = f"; matmul peak fp32 {peaks['fp32']} / bf16 {peaks['bf16']} GFLOP/s ({hw['matmul_size']}^2)" if peaks else ""
-    env = "".join(f"; {k}={hw[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in hw)
+    env = "".join(f"; {k}={hw[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in hw)
     return (f"Hardware: {hw['cpu_model']} [{hw['isa']}], torch kernels {hw['torch_cpu_capability']}, "
             f"{hw['torch_threads']} threads of {hw['cpu_count']} cores, native bf16: {'yes' if hw['native_bf16'] else 'no'}"
             f"{peak}{env}; torch {hw['torch']}.")
