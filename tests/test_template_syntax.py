@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from softprompt.errors import TemplateError
-from softprompt.template import Field, Soft, SoftSpan, Template, Text, parse_template
-from softprompt.template_syntax import MAX_SOFT_LENGTH, format_template, parse
+from softprompt.template import MAX_SOFT_LENGTH, Field, Soft, SoftSpan, Template, Text, format_template, parse_template
+from softprompt.template import parse_template as parse
 
 # ---------------------------------------------------------------------------------------------
 # valid templates

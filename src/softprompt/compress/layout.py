@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
 from softprompt.examples import Example
-from softprompt.template import Field, Soft, Template, parse_template
-from softprompt.template_syntax import format_template
-from softprompt.template import Text
+from softprompt.template import Field, Soft, Template, Text, format_template, parse_template
 
 PLACEMENTS = ("system", "user")
 _SYS, _USR = "\ue010", "\ue011"
