@@ -30,7 +30,7 @@ def test_text_initialized_prompt_nearest_tokens_are_the_text(tiny):
     text = "Classify the sentiment of this review"
     ids = tiny.tokenizer(text, add_special_tokens=False).input_ids
     cfg = TrainConfig(model=tiny.name, tokens=len(ids), init=f"text:{text}")
-    t = parse_template(cfg.template_source())
+    t = cfg.prompt_template()
     prompt = create_prompt(cfg, tiny, t, None)
     for metric in ("cosine", "l2"):
         nb = nearest_tokens(prompt.vectors(), tiny.embedding.weight, k=3, metric=metric)
