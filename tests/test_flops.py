@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from softprompt.data.readers import read_examples
 from softprompt.flops import matmul_flops_per_s, model_dims, train_step_flops
-from softprompt.records import read_examples
 from softprompt.train import TrainConfig, Trainer
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from softprompt.artifact import build_meta, load_artifact, save_artifact
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
-from softprompt.examples import Example
 from softprompt.interpret.coverage import Query, coverage_table, query_agreement, split_parts, tag_by_overlap
 from softprompt.interpret.fidelity import divergence, hard_prompt, next_token_logits, projection_fidelity
 from softprompt.interpret.harden import harden

@@ -23,8 +23,8 @@ import yaml
 
 from softprompt.artifact import TENSORS, build_meta, save_artifact
 from softprompt.base import load_base
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
-from softprompt.examples import Example
 from softprompt.generate import SamplingParams, generate, generate_ids
 from softprompt.prompts import PrefixTuning, PromptTuning, PTuning
 from softprompt.serve.api import Limits, Server, create_app

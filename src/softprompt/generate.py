@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 from softprompt.base import BaseModel
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
 from softprompt.prompts import SoftPrompt
 from softprompt.prompts.base import base_model_inputs
 from softprompt.scoring import autocast

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
 from softprompt.objectives import lm_loss, sequence_logprobs
 from softprompt.prompts import SoftPrompt
 

@@ -24,10 +24,10 @@ from softprompt import __version__
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
+from softprompt.data.examples import Example
 from softprompt.distributed import current as current_dist
 from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.init import init_table, parse_init
 from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
 from softprompt.objectives import compile_forward, lm_loss

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         report["comparison"] = compare_prompts(input_vectors(art.prompt), input_vectors(other.prompt))
     fmt = art.prompt_format(base)
     if args.data:
+        from softprompt.data.readers import read_examples
         from softprompt.interpret.fidelity import projection_fidelity
-        from softprompt.records import read_examples
 
         examples = read_examples(args.data, art.template.fields, args.target_field, require_target=False)[: args.limit]
         labels = art.meta.get("labels") if all(e.target is not None for e in examples) else None

@@ -63,7 +63,7 @@ def _options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softprompt.records import read_examples
+    from softprompt.data.readers import read_examples
     from softprompt.template import parse_template
     from softprompt.train import TrainConfig, Trainer
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise SoftPromptError("--kind prefix puts its virtual tokens in every layer's keys and values: give a "
                               "template without [soft] spans and the prefix length with --tokens N")
     if args.task:
-        from softprompt.tasks import load_recipe, load_split
+        from softprompt.data import load_recipe, load_split
 
         if not args.data_dir:
             raise SoftPromptError("--task needs --data-dir (the directory holding the datasets, e.g. ../shared/data)")

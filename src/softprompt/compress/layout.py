@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.template import Field, Soft, Template, Text, parse_template
 
 PLACEMENTS = ("system", "user")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from softprompt.data.examples import Example
 from softprompt.encoding import IGNORE, Encoded, collate
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.examples import Example
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.objectives import target_logits
 
