@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.context) != bool(args.queries):
         raise SoftPromptError("context coverage needs both --context and --queries")
     if args.context:
-        from softprompt.interpret.coverage import coverage_table, query_agreement, read_queries, split_parts
+        from softprompt.data.queries import read_queries
+        from softprompt.interpret.coverage import coverage_table, query_agreement, split_parts
 
         try:
             context = Path(args.context).read_text("utf-8")
