@@ -45,7 +45,7 @@ def peak_rss_mb() -> float:
 
 
 def _splits(args):
-    from softprompt.tasks import load_recipe, load_split
+    from softprompt.data import load_recipe, load_split
 
     recipe = load_recipe("sst2")
     train = load_split(recipe, str(args.data_dir), "train", limit=args.examples, seed=0)

@@ -49,10 +49,10 @@ def main() -> None:
     import torch
 
     from softprompt.base import load_base
+    from softprompt.data import load_recipe, load_split
     from softprompt.evaluate import hard_contender
     from softprompt.metrics import bootstrap_ci
     from softprompt.scoring import classify
-    from softprompt.tasks import load_recipe, load_split
     from softprompt.train import TrainConfig, Trainer
 
     bf16 = not args.fp32

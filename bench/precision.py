@@ -31,7 +31,7 @@ def child(precision: str, steps: int, batch_size: int) -> dict:
     from softprompt.base import load_base
     from softprompt.hardware import hardware_report
     from softprompt.precision import resolve_precision
-    from softprompt.records import read_examples
+    from softprompt.data.readers import read_examples
     from softprompt.train import TrainConfig, Trainer
 
     hw = hardware_report()

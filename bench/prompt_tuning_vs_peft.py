@@ -28,13 +28,13 @@ def peak_rss_mb() -> float:
 
 
 def examples(n: int, data_dir: Path):
-    from softprompt.tasks import load_recipe, load_split
+    from softprompt.data import load_recipe, load_split
 
     return load_split(load_recipe("sst2"), str(data_dir), "train", limit=n, seed=0)
 
 
 def dev_examples(n: int, data_dir: Path):
-    from softprompt.tasks import load_recipe, load_split
+    from softprompt.data import load_recipe, load_split
 
     recipe = load_recipe("sst2")
     return load_split(recipe, str(data_dir), "dev", limit=n, seed=0), recipe.label_words

@@ -69,7 +69,7 @@ def make_prompts(base, root: Path, seed: int = 0) -> list[str]:
 
 def inputs(n: int) -> list[str]:
     try:
-        from softprompt.tasks import load_recipe, load_split
+        from softprompt.data import load_recipe, load_split
 
         exs = load_split(load_recipe("sst2"), str(SHARED), "train", limit=n, seed=0)
         return [e.fields["sentence"] for e in exs]
@@ -97,7 +97,7 @@ def run_naive(base, prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: i
     from transformers.generation.streamers import BaseStreamer
 
     from softprompt.artifact import load_artifact
-    from softprompt.examples import Example
+    from softprompt.data.examples import Example
 
     arts = {name: load_artifact(prompt_dir / name, base=base) for name in {n for n, _ in jobs}}
     fmts = {name: a.prompt_format(base) for name, a in arts.items()}

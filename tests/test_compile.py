@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.records import read_examples
+from softprompt.data.readers import read_examples
 from softprompt.train import TrainConfig, Trainer
 
 

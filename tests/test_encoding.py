@@ -9,7 +9,7 @@ import pytest
 from softprompt.chat import chat_ids
 from softprompt.encoding import IGNORE, PromptFormat
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.examples import Example
+from softprompt.data.examples import Example
 from softprompt.prompts.base import marker
 from softprompt.template import parse_template
 

@@ -6,10 +6,10 @@ import json
 import torch
 
 from softprompt.cli import main
+from softprompt.data.readers import read_examples
 from softprompt.encoding import collate
 from softprompt.evaluate import evaluate, few_shot_contender, hard_contender
 from softprompt.objectives import model_inputs
-from softprompt.records import read_examples
 from softprompt.scoring import label_logprobs
 
 

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from softprompt.flops import model_dims, train_step_flops
 from softprompt.hardware import hardware_line, hardware_report, matmul_flops_per_s
-from softprompt.records import read_examples
+from softprompt.data.readers import read_examples
 from softprompt.train import TrainConfig, Trainer
 
 

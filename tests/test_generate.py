@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
+from softprompt.data.examples import Example
 from softprompt.generate import SamplingParams, generate, generate_ids, sample_next
 from softprompt.prompts import PromptTuning
 from softprompt.template import parse_template

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softprompt.data.readers import read_examples
 from softprompt.errors import SoftPromptError
 from softprompt.init import FREQUENT_VOCAB, init_vectors, parse_init, text_ids
-from softprompt.records import read_examples
 from softprompt.train import TrainConfig, Trainer
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from softprompt.artifact import build_meta, load_artifact, save_artifact
+from softprompt.data.examples import Example
+from softprompt.data.queries import Query
 from softprompt.encoding import PromptFormat
-from softprompt.examples import Example
-from softprompt.interpret.coverage import Query, coverage_table, query_agreement, split_parts, tag_by_overlap
+from softprompt.interpret.coverage import coverage_table, query_agreement, split_parts, tag_by_overlap
 from softprompt.interpret.fidelity import divergence, hard_prompt, next_token_logits, projection_fidelity
 from softprompt.interpret.harden import harden
 from softprompt.interpret.nearest import compare_prompts, nearest_tokens, norm_percentiles
@@ -30,7 +31,7 @@ def test_text_initialized_prompt_nearest_tokens_are_the_text(tiny):
     text = "Classify the sentiment of this review"
     ids = tiny.tokenizer(text, add_special_tokens=False).input_ids
     cfg = TrainConfig(model=tiny.name, tokens=len(ids), init=f"text:{text}")
-    t = parse_template(cfg.template_source())
+    t = cfg.prompt_template()
     prompt = create_prompt(cfg, tiny, t, None)
     for metric in ("cosine", "l2"):
         nb = nearest_tokens(prompt.vectors(), tiny.embedding.weight, k=3, metric=metric)
@@ -111,7 +112,7 @@ def test_coverage_grouping_and_exact_context_agrees(tiny, tmp_path):
     ids = tiny.tokenizer(context, add_special_tokens=False).input_ids
     prompt = hard_prompt(ids, tiny.embedding)
     fmt = PromptFormat(tiny.tokenizer, parse_template(f"[soft:{len(ids)}]\n\nQuestion: {{input}}"), chat=False)
-    qs = [Query("When does the museum open?"), Query("How much are adult tickets?", "prices")]
+    qs = [Query("When does the museum open?"), Query("How much are adult tickets?", tag="prices")]
     agree = query_agreement(tiny, prompt, fmt, context, qs, max_new_tokens=5)
     assert agree == [1.0, 1.0]
     table = coverage_table(qs, agree, parts)

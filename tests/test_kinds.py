@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from softprompt.artifact import load_artifact
+from softprompt.data.examples import Example
 from softprompt.encoding import collate
-from softprompt.examples import Example
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.prompts import PrefixTuning, PTuning
 from softprompt.train import TrainConfig, Trainer

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from softprompt.batching import batch_plan
+from softprompt.data.examples import Example
 from softprompt.encoding import IGNORE, collate
-from softprompt.examples import Example
 from softprompt.objectives import lm_loss, sequence_logprobs, shared_prefix_len
 from softprompt.train import TrainConfig, Trainer
 

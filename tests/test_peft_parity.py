@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from softprompt.artifact import load_artifact
+from softprompt.data.examples import Example
 from softprompt.encoding import collate
-from softprompt.examples import Example
 from softprompt.peft_io import _peft_prefix, export_peft, import_peft
 from softprompt.prompts import PrefixTuning, PromptTuning
 from softprompt.prompts.base import marker

@@ -71,7 +71,7 @@ def test_auto_trains_the_same_prompt_as_its_resolution(tiny, tmp_path, monkeypat
     from safetensors.torch import load_file
 
     from softprompt.artifact import read_meta
-    from softprompt.records import read_examples
+    from softprompt.data.readers import read_examples
     from softprompt.train import TrainConfig, train
 
     monkeypatch.setattr(P, "probe", cpu(SPR) if native else cpu(EPYC_AVX2, "AVX2"))

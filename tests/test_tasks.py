@@ -8,16 +8,9 @@ import pytest
 import yaml
 
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.tasks import (
-    READERS,
-    TaskRecipe,
-    clean_agnews,
-    list_recipes,
-    load_recipe,
-    load_split,
-    recipe_from_dict,
-    template_fields,
-)
+from softprompt.data.datasets import READERS, clean_agnews
+from softprompt.data.recipes import TaskRecipe, list_recipes, load_recipe, recipe_from_dict, template_fields
+from softprompt.data.splits import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -429,7 +422,7 @@ def test_demo_topic_data():
 
 
 def test_demo_topic_readable_by_records_and_hard_prompt():
-    from softprompt.records import read_examples
+    from softprompt.data.readers import read_examples
 
     exs = read_examples(TOPIC / "dev.jsonl", ["input"], "target")
     assert len(exs) == 24 and {e.target for e in exs} == TOPIC_LABELS

@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from softprompt.errors import TemplateError
-from softprompt.template import Field, Soft, SoftSpan, Template, Text, parse_template
-from softprompt.template_syntax import MAX_SOFT_LENGTH, format_template, parse
+from softprompt.template import MAX_SOFT_LENGTH, Field, Soft, SoftSpan, Template, Text, format_template, parse_template
+from softprompt.template import parse_template as parse
 
 # ---------------------------------------------------------------------------------------------
 # valid templates
@@ -276,8 +276,8 @@ def test_corrupted_templates_fail_cleanly(t, at, char):
 def test_no_input_text_places_a_soft_token(smollm2_tokenizer, text, turn):
     """Field values and chat turns cannot contain slot markers: the prompt holds exactly the
     template's soft tokens whatever the text."""
+    from softprompt.data.examples import Example
     from softprompt.encoding import PromptFormat
-    from softprompt.examples import Example
 
     for chat in (True, False):
         fmt = PromptFormat(smollm2_tokenizer, parse_template("[soft:2] {input} [soft:1]"), chat=chat)

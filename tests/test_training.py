@@ -12,10 +12,10 @@ import torch
 
 from softprompt.artifact import load_artifact
 from softprompt.base import load_base
+from softprompt.data.examples import Example
+from softprompt.data.readers import read_examples
 from softprompt.encoding import IGNORE, Encoded, PromptFormat, collate
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
-from softprompt.records import read_examples
 from softprompt.template import parse_template
 from softprompt.train import TrainConfig, Trainer, train
 

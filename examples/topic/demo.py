@@ -12,9 +12,9 @@ from pathlib import Path
 
 from softprompt.artifact import load_artifact
 from softprompt.base import load_base
+from softprompt.data.readers import read_examples
 from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate
-from softprompt.records import read_examples
 from softprompt.scoring import accuracy
 from softprompt.template import parse_template
 from softprompt.train import TrainConfig, train

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.data.examples import Example
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.examples import Example
 from softprompt.prompts.base import marker
 from softprompt.template import Field, Soft, Template, Text
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from softprompt.artifact import PromptArtifact
 from softprompt.base import BaseModel
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.generate import SamplingParams, generate
 from softprompt.io import atomic_write_json, atomic_write_text
 from softprompt.metrics import bootstrap_ci, metric_fn

@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 
 from softprompt.base import BaseModel
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
+from softprompt.data.examples import Example
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt, as_prompt
 

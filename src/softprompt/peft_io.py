@@ -30,7 +30,7 @@ from softprompt.errors import ArtifactError, SoftPromptError
 from softprompt.io import atomic_save_tensors, atomic_write_json
 from softprompt.prompts import PrefixTuning, PromptTuning
 from softprompt.prompts.prefix import cache_layout
-from softprompt.template import Soft, Text, parse_template
+from softprompt.template import Field, Soft, Template, Text, parse_template
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +152,7 @@ def import_peft(path: str | Path, base: BaseModel, out: str | Path, template: st
             raise SoftPromptError(f"{where}: adapter vectors have size {tensor.shape[1]}; this base's hidden size is "
                                   f"{base.hidden_size} (made for another base model)")
         prompt = PromptTuning(n, base.hidden_size, init=tensor)
-        source = template or f"[soft:{n}]{{input}}"
+        default = Template((Soft(n), Field("input")))
     else:
         layers, kv_heads, head_dim = cache_layout(base.model)
         if tensor.shape[1] != layers * 2 * kv_heads * head_dim:
@@ -161,8 +161,9 @@ def import_peft(path: str | Path, base: BaseModel, out: str | Path, template: st
                                   f"(made for another base model)")
         prompt = PrefixTuning(n, base.hidden_size, layers, kv_heads, head_dim,
                               init=_our_prefix(tensor, layers, kv_heads, head_dim))
-        source = template or "{input}"
-    parsed = parse_template(source)
+        default = Template((Field("input"),))
+    parsed = parse_template(template) if template else default
+    source = template or default.to_string()
     if prompt.input_level and parsed.n_virtual != n:
         raise SoftPromptError(f"--template has {parsed.n_virtual} virtual tokens but the adapter has {n}")
     if not prompt.input_level and parsed.n_virtual:

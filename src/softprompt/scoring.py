@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
 from softprompt.objectives import lm_loss, sequence_logprobs
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt

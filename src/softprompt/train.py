@@ -24,17 +24,17 @@ from softprompt import __version__
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
+from softprompt.data.examples import Example
 from softprompt.distributed import current as current_dist
 from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.init import init_table, parse_init
 from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
 from softprompt.objectives import compile_forward, lm_loss
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
 from softprompt.scoring import accuracy, label_set, mean_loss
-from softprompt.template import Template, parse_template
+from softprompt.template import Field, Soft, Template, Text, parse_template
 
 CHECKPOINT = "checkpoint"
 
@@ -70,21 +70,26 @@ class TrainConfig:
     compile: bool = False  # torch.compile the base model's forward over the positions
     device: str | None = None
 
-    def template_source(self) -> str:
+    def prompt_template(self) -> Template:
+        """The template to train with: ``template`` parsed, or the default ``[soft:N] {input_field}``
+        built directly. Raises TemplateError for one that cannot be written back (a bad field name,
+        a length < 1)."""
         if self.kind == "prefix":  # the prefix sits before everything, in keys and values
-            return without_soft(self.template) if self.template else f"{{{self.input_field}}}"
-        return self.template if self.template else f"[soft:{self.tokens}] {{{self.input_field}}}"
+            t = parse_template(self.template).without_soft() if self.template else Template((Field(self.input_field),))
+        else:
+            t = parse_template(self.template) if self.template else \
+                Template((Soft(self.tokens), Text(" "), Field(self.input_field)))
+        t.to_string()  # the artifact records it in the syntax: fail now, not when saving
+        return t
+
+    def template_source(self) -> str:
+        """The template as the artifact records it: as given, or the canonical form of a built one."""
+        if self.template and self.kind != "prefix":
+            return self.template
+        return self.prompt_template().to_string()
 
     def n_virtual(self, template) -> int:
         return self.tokens if self.kind == "prefix" else template.n_virtual
-
-
-def without_soft(source: str) -> str:
-    """The template with its soft spans removed (for kinds that add no input positions)."""
-    from softprompt.template import Soft, Template
-
-    t = parse_template(source)
-    return Template(tuple(s for s in t.segments if not isinstance(s, Soft))).to_string()
 
 
 @dataclass
@@ -163,7 +168,7 @@ class Trainer:
         self.device = self.base.device
         self.precision = resolve_precision(cfg.precision, self.device, announce=self.dist.is_main)
         self.bf16 = self.precision.bf16
-        self.template = parse_template(cfg.template_source())
+        self.template = cfg.prompt_template()
         check_template(self.template, needs_soft=cfg.kind != "prefix")
         self.fmt = PromptFormat(self.base.tokenizer, self.template, chat=cfg.chat, system=cfg.system,
                                 max_length=self.base.max_positions)

@@ -32,15 +32,15 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from softprompt.artifact import load_artifact, read_meta
     from softprompt.base import load_base
+    from softprompt.data.readers import read_examples
     from softprompt.errors import SoftPromptError
     from softprompt.evaluate import evaluate, few_shot_contender, format_table, hard_contender, save_report, soft_contender
-    from softprompt.records import read_examples
     from softprompt.scoring import label_set
 
     model = args.model or (read_meta(args.prompts[0])["base_model"]["id"] if args.prompts else "smollm2")
     hard, k, train, chat = args.hard_prompt, args.few_shot, [], True
     if args.task:
-        from softprompt.tasks import load_recipe, load_split
+        from softprompt.data import load_recipe, load_split
 
         if not args.data_dir:
             raise SoftPromptError("--task needs --data-dir (the directory holding the datasets, e.g. ../shared/data)")

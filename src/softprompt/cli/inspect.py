@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         report["comparison"] = compare_prompts(input_vectors(art.prompt), input_vectors(other.prompt))
     fmt = art.prompt_format(base)
     if args.data:
+        from softprompt.data.readers import read_examples
         from softprompt.interpret.fidelity import projection_fidelity
-        from softprompt.records import read_examples
 
         examples = read_examples(args.data, art.template.fields, args.target_field, require_target=False)[: args.limit]
         labels = art.meta.get("labels") if all(e.target is not None for e in examples) else None
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.context) != bool(args.queries):
         raise SoftPromptError("context coverage needs both --context and --queries")
     if args.context:
-        from softprompt.interpret.coverage import coverage_table, query_agreement, read_queries, split_parts
+        from softprompt.data.queries import read_queries
+        from softprompt.interpret.coverage import coverage_table, query_agreement, split_parts
 
         try:
             context = Path(args.context).read_text("utf-8")

@@ -63,7 +63,7 @@ def _options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softprompt.records import read_examples
+    from softprompt.data.readers import read_examples
     from softprompt.template import parse_template
     from softprompt.train import TrainConfig, Trainer
 
@@ -71,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and not args.overwrite and ((out / "prompt.json").exists() or (out / "checkpoint").exists()):
         raise SoftPromptError(f"{out} already holds a prompt or checkpoint: pass --resume to continue it or --overwrite to replace it")
     template = args.template
+    parsed = parse_template(template) if template else None
     tokens = args.tokens if args.tokens is not None else 8
-    if args.kind == "prefix" and template and parse_template(template).n_virtual:
+    if args.kind == "prefix" and parsed and parsed.n_virtual:
         raise SoftPromptError("--kind prefix puts its virtual tokens in every layer's keys and values: give a "
                               "template without [soft] spans and the prefix length with --tokens N")
     if args.task:
-        from softprompt.tasks import load_recipe, load_split
+        from softprompt.data import load_recipe, load_split
 
         if not args.data_dir:
             raise SoftPromptError("--task needs --data-dir (the directory holding the datasets, e.g. ../shared/data)")
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.data:
             raise SoftPromptError("give --data TRAIN.jsonl (or --task NAME --data-dir DIR)")
-        fields = parse_template(template).fields if template else [args.input_field]
+        fields = parsed.fields if parsed else [args.input_field]
         train = read_examples(args.data, fields, args.target_field)[: args.limit]
         dev = read_examples(args.dev, fields, args.target_field) if args.dev else None
         chat = args.chat

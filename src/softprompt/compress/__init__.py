@@ -1,6 +1,7 @@
 """Context compression: distill a long context into a few soft tokens (see docs/compression.md)."""
 from softprompt.compress.compressor import CompressConfig, CompressResult, Compressor, compress
-from softprompt.compress.queries import Query, generate_queries, read_queries, split_queries
+from softprompt.compress.queries import generate_queries, split_queries
+from softprompt.data.queries import Query, read_queries
 
 __all__ = ["CompressConfig", "CompressResult", "Compressor", "compress", "Query", "read_queries",
            "generate_queries", "split_queries"]

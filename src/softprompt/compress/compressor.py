@@ -22,9 +22,10 @@ from softprompt.base import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
 from softprompt.compress.layout import Layout, Renderer, make_layout
-from softprompt.compress.queries import Query, generate_queries, split_queries
+from softprompt.compress.queries import generate_queries, split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
 from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, load_entries, save_entries
+from softprompt.data.queries import Query
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.kv_prefix import reusable_prefix

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
-from softprompt.template import Field, Soft, Template, parse_template
-from softprompt.template_syntax import format_template
-from softprompt.template import Text
+from softprompt.template import Field, Soft, Template, Text, parse_template
 
 PLACEMENTS = ("system", "user")
 _SYS, _USR = "\ue010", "\ue011"
@@ -29,17 +27,13 @@ _SYS, _USR = "\ue010", "\ue011"
 class Layout:
     """The student's template (one soft span, one ``{input}``) and how it is wrapped."""
 
-    template_source: str
+    template: Template
     chat: bool
     placement: str
 
     @property
-    def template(self) -> Template:
-        return parse_template(self.template_source)
-
-
-def _escape(text: str) -> str:
-    return format_template(Template((Text(text),))) if text else ""
+    def template_source(self) -> str:
+        return self.template.to_string()
 
 
 def make_layout(tokenizer, n_soft: int, placement: str = "system", template: str | None = None,
@@ -56,11 +50,12 @@ def make_layout(tokenizer, n_soft: int, placement: str = "system", template: str
             raise SoftPromptError(f"--template {template!r}: a compression template needs exactly one soft span "
                                   "(where the context goes) and the field {input} (the query)")
         segs = tuple(Soft(n_soft) if isinstance(s, Soft) else s for s in t.segments)
-        return Layout(format_template(Template(segs)), chat and has_chat, "template")
+        return Layout(Template(segs), chat and has_chat, "template")
     if placement not in PLACEMENTS:
         raise SoftPromptError(f"--placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
     if placement == "user" or not chat:
-        return Layout(f"[soft:{n_soft}]" + _escape(separator) + "{input}", chat and has_chat, "user")
+        segs = (Soft(n_soft), Text(separator), Field("input")) if separator else (Soft(n_soft), Field("input"))
+        return Layout(Template(segs), chat and has_chat, "user")
     if not has_chat:
         raise SoftPromptError("placement 'system' needs a model with a chat template: use --placement user")
     text = tokenizer.apply_chat_template([{"role": "system", "content": _SYS}, {"role": "user", "content": _USR}],
@@ -75,7 +70,7 @@ def make_layout(tokenizer, n_soft: int, placement: str = "system", template: str
     pre, rest = text.split(_SYS)
     mid, post = rest.split(_USR)
     segs = tuple(s for s in (Text(pre), Soft(n_soft), Text(mid), Field("input"), Text(post)) if not (isinstance(s, Text) and not s.text))
-    return Layout(format_template(Template(segs)), False, "system")
+    return Layout(Template(segs), False, "system")
 
 
 class Renderer:

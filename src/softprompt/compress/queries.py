@@ -1,13 +1,12 @@
-"""Queries for distillation: read from a file (one per line, or JSONL), or sampled from the model
-itself given the context plus generic probes; split into training and held-out sets."""
+"""Queries for distillation: read from a file (:func:`softprompt.data.queries.read_queries`), or
+sampled from the model itself given the context plus generic probes; split into training and
+held-out sets."""
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from softprompt.errors import DataError, SoftPromptError
+from softprompt.data.queries import Query
+from softprompt.errors import SoftPromptError
 
 # Generic probes asked of every context when queries are generated automatically.
 PROBES = (
@@ -28,57 +27,6 @@ QUESTION_INSTRUCTIONS = (
     "Write one question that can be answered from the text above. Reply with the question only.",
     "Write one instruction a user might give about the text above. Reply with the instruction only.",
 )
-_KEYS = ("query", "question", "input", "prompt", "instruction")
-
-
-@dataclass(frozen=True)
-class Query:
-    text: str
-    answers: tuple[str, ...] = ()  # gold answers, when known (scored by answer F1)
-    source: str | None = None
-    line: int | None = None
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-def read_queries(path: str | Path) -> list[Query]:
-    """One query per non-empty line, or JSONL objects with a ``query`` (or ``question``/``input``)
-    string and optional ``answers`` (list) or ``answer``/``target`` (string)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError("queries file does not exist", str(p))
-    if p.is_dir():
-        raise DataError("queries file is a directory", str(p))
-    try:
-        text = p.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read queries file ({e.__class__.__name__}: {e})", str(p)) from None
-    out: list[Query] = []
-    jsonl = p.suffix.lower() == ".jsonl"
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            out.append(Query(line.strip(), source=str(p), line=n))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e.msg})", str(p), n) from None
-        if not isinstance(obj, dict):
-            raise DataError("expected a JSON object per line", str(p), n)
-        key = next((k for k in _KEYS if k in obj), None)
-        if key is None or not isinstance(obj[key], str) or not obj[key].strip():
-            raise DataError(f"no query text: expected a non-empty string field, one of {', '.join(_KEYS)}", str(p), n)
-        answers = obj.get("answers")
-        if answers is None:
-            single = obj.get("answer", obj.get("target"))
-            answers = [single] if isinstance(single, str) else []
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise DataError("'answers' must be a list of strings", str(p), n)
-        out.append(Query(obj[key].strip(), tuple(a for a in answers if a.strip()), str(p), n))
-    if not out:
-        raise DataError("queries file is empty (no non-blank lines)", str(p))
-    return out
 
 
 def split_queries(queries: list[Query], heldout: float = 0.2, seed: int = 0) -> tuple[list[Query], list[Query]]:

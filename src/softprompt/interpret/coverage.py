@@ -3,16 +3,14 @@ model given the full context), grouped by the part of the context each query nee
 context's paragraphs; a query's part is its user-given tag or the paragraph it overlaps most."""
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from softprompt.data.examples import Example
+from softprompt.data.queries import Query
 from softprompt.encoding import IGNORE, Encoded, collate
-from softprompt.errors import DataError, SoftPromptError
-from softprompt.examples import Example
+from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.objectives import target_logits
 
@@ -20,12 +18,6 @@ _WORD = re.compile(r"[a-z0-9]+")
 STOP = set("the a an and or of to in on at for with by from is are was were be been it its this that these those "
            "what which who whom when where why how does do did can could would should will not no as into than then "
            "there their they them he she his her you your we our i me my".split())
-
-
-@dataclass
-class Query:
-    text: str
-    tag: str | None = None
 
 
 def split_parts(context: str) -> list[str]:
@@ -46,33 +38,6 @@ def tag_by_overlap(query: str, parts: list[str]) -> int | None:
     scores = [len(q & _words(p)) for p in parts]
     best = max(scores, default=0)
     return scores.index(best) if best > 0 else None
-
-
-def read_queries(path: str | Path) -> list[Query]:
-    """Queries, one per line, or JSONL objects with ``query`` (or ``input``) and an optional ``tag``."""
-    path = Path(path)
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read queries ({e})", path) from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg})", path, n) from None
-            text = row.get("query", row.get("input"))
-            if not isinstance(text, str) or not text.strip():
-                raise DataError("expected a non-empty string field 'query'", path, n)
-            out.append(Query(text, row.get("tag")))
-        else:
-            out.append(Query(line.strip()))
-    if not out:
-        raise DataError("no queries", path)
-    return out
 
 
 def _teacher_ids(student_ids: list[int], context_ids: list[int]) -> list[int]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.examples import Example
 from softprompt.interpret.nearest import nearest_tokens
 from softprompt.objectives import target_logits
 from softprompt.prompts import PromptTuning, SoftPrompt

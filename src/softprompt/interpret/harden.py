@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.interpret.fidelity import _example_with_target, input_vectors
 from softprompt.interpret.nearest import nearest_tokens
 from softprompt.objectives import target_logits

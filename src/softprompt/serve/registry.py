@@ -17,9 +17,9 @@ from pathlib import Path
 
 from softprompt.artifact import META, TENSORS, PromptArtifact, load_artifact
 from softprompt.base import BaseModel
+from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
-from softprompt.examples import Example
 from softprompt.io import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from softprompt.kv_prefix import common_prefix_len
 from softprompt.serve.kv_cache import content_hash

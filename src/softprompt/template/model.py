@@ -1,43 +1,17 @@
 """Hybrid hard/soft templates: soft spans anywhere among hard text and the example's fields.
 
-A template is a sequence of segments: literal ``Text``, a ``Field`` filled from the example, and
-``Soft`` spans of trainable virtual tokens. Named soft spans share their vectors wherever the name
-recurs. The template string syntax is parsed by :func:`parse_template`.
+A template is a sequence of segments (:mod:`softprompt.template.segments`): literal ``Text``, a
+``Field`` filled from the example, and ``Soft`` spans of trainable virtual tokens. Named soft spans
+share their vectors wherever the name recurs. The template string syntax
+(:mod:`softprompt.template.syntax`) is read by :func:`parse_template` and written by
+:func:`format_template`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-
-
-@dataclass(frozen=True)
-class Soft:
-    length: int
-    name: str | None = None  # spans with the same name share vectors
-    init_text: str | None = None  # initialize this span from a text
-
-
-Segment = Union[Text, Field, Soft]
-
-
-@dataclass(frozen=True)
-class SoftSpan:
-    """A distinct block of virtual-token rows in the prompt's table."""
-
-    key: str  # the span's name, or an automatic key "#0", "#1", ... for an anonymous span (never an identifier)
-    length: int
-    offset: int  # first row in the table
-    init_text: str | None = None
+from softprompt.template.segments import Field, Segment, Soft, SoftSpan, Text
+from softprompt.template.syntax import format_segments, parse_segments
 
 
 @dataclass(frozen=True)
@@ -95,15 +69,22 @@ class Template:
                 rows.append(list(range(sp.offset, sp.offset + sp.length)))
         return rows
 
+    def without_soft(self) -> "Template":
+        """The template with its soft spans removed (for kinds that add no input positions)."""
+        return Template(tuple(s for s in self.segments if not isinstance(s, Soft)))
+
     def to_string(self) -> str:
         """Serialize back to the template syntax (round-trips through parse_template)."""
-        from softprompt.template_syntax import format_template
-
         return format_template(self)
 
 
-def parse_template(source: str) -> Template:
-    """Parse the template syntax; see :mod:`softprompt.template_syntax`."""
-    from softprompt.template_syntax import parse
+def parse_template(source: str, placeholder: str | None = None, placeholder_length: int = 1) -> Template:
+    """Parse the template syntax (see :mod:`softprompt.template.syntax`); raise TemplateError if it is
+    invalid. A soft span length written as ``placeholder`` (``N`` in ``[soft:N]``) reads as ``placeholder_length``."""
+    return Template(parse_segments(source, placeholder, placeholder_length))
 
-    return parse(source)
+
+def format_template(t: Template) -> str:
+    """Write ``t`` in the template syntax, so that ``parse_template(format_template(t)) == t``; raise
+    TemplateError if it cannot be written (see :func:`softprompt.template.syntax.format_segments`)."""
+    return format_segments(t.segments)

@@ -1,4 +1,5 @@
-"""Reading examples from JSONL, CSV and TSV files, with errors that name the file, line and field."""
+"""Reading data files: UTF-8 text, JSON Lines (the one JSONL reader of the package), and rows and
+examples from JSONL, CSV and TSV files, with errors that name the file, line and field."""
 from __future__ import annotations
 
 import csv
@@ -7,11 +8,24 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from softprompt.data.examples import Example
 from softprompt.errors import DataError
-from softprompt.examples import Example
 
 
-def _read_text(path: Path) -> str:
+def decode_text(raw: bytes, path: str | Path, latin1_fallback: bool = False) -> str:
+    """UTF-8 (a BOM is dropped); invalid bytes are an error naming the file and line, or, with
+    ``latin1_fallback``, the whole file is read as Latin-1."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if latin1_fallback:
+            return raw.decode("latin-1")
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 text (byte {e.start})", str(path), line) from None
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; a missing file, a directory or a binary file is an error naming it."""
     if not path.exists():
         raise DataError("no such file", str(path))
     if path.is_dir():
@@ -19,30 +33,34 @@ def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise DataError("looks like a binary file (NUL bytes), expected UTF-8 text", str(path))
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 text (byte {e.start})", str(path), line) from None
+    return decode_text(raw, path)
+
+
+def parse_jsonl(text: str, path: str | Path) -> list[tuple[int, dict]]:
+    """JSON Lines: one JSON object a non-blank line, as (1-based line number, object). A line that is
+    not a JSON object is an error naming the file and line. No lines gives an empty list."""
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", str(path), i) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", str(path), i)
+        rows.append((i, obj))
+    return rows
 
 
 def read_records(path: str | Path, fmt: str | None = None) -> list[tuple[int, dict]]:
     """Rows of a JSONL, CSV or TSV file as (line number, dict). ``fmt`` defaults to the suffix."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     fmt = (fmt or path.suffix.lstrip(".") or "jsonl").lower()
     rows: list[tuple[int, dict]] = []
     if fmt in ("jsonl", "json", "ndjson"):
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", str(path), i) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, got {type(obj).__name__}", str(path), i)
-            rows.append((i, obj))
+        rows = parse_jsonl(text, path)
     elif fmt in ("csv", "tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
         if not reader.fieldnames:

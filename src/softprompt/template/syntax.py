@@ -1,4 +1,4 @@
-r"""The template string syntax: parse it into a :class:`~softprompt.template.Template` and write it back.
+r"""The template string syntax: parse it into segments (see :mod:`softprompt.template.segments`) and write it back.
 
 Example: ``[soft:8 "Classify the sentiment:"] Review: {input} Sentiment:[soft:2]``
 
@@ -20,18 +20,22 @@ A template without a soft span or without a field parses; callers check ``n_virt
 Errors raise :class:`~softprompt.errors.TemplateError` with the 0-based position of the offending
 character (for an unclosed or conflicting ``[``/``{``, the position of that bracket).
 
-:func:`format_template` writes the canonical form: texts escaped, a named span in full at its first
-occurrence and as ``[soft name=x]`` after that, so ``parse(format_template(t)) == t`` for every
-template that ``parse`` can return.
+:func:`format_segments` writes the canonical form: texts escaped, a named span in full at its first
+occurrence and as ``[soft name=x]`` after that, so ``parse_segments(format_segments(s)) == s`` for
+every ``s`` that ``parse_segments`` can return. (:class:`~softprompt.template.Template` wraps both as
+``parse_template``/``format_template``.)
+
+:func:`fill_length` writes a number for a placeholder length such as the ``N`` of ``[soft:N]`` (task
+recipes leave the prompt length open this way).
 """
 from __future__ import annotations
 
 import re
 
 from softprompt.errors import TemplateError
-from softprompt.template import Field, Soft, Template, Text
+from softprompt.template.segments import Field, Segment, Soft, Text
 
-__all__ = ["parse", "format_template", "MAX_SOFT_LENGTH"]
+__all__ = ["parse_segments", "format_segments", "fill_length", "MAX_SOFT_LENGTH"]
 
 MAX_SOFT_LENGTH = 1_000_000
 
@@ -50,12 +54,14 @@ def _short(s: str, limit: int = 30) -> str:
 
 
 class _Parser:
-    def __init__(self, source: str):
+    def __init__(self, source: str, placeholder: str | None = None, placeholder_length: int = 1):
         self.src = source
         self.n = len(source)
         self.segments: list = []
         self.buf: list[str] = []
         self.named: dict[str, Soft] = {}
+        self.placeholder, self.placeholder_length = placeholder, placeholder_length
+        self.placeholders: list[tuple[int, int]] = []  # (start, end) of each placeholder length
 
     def err(self, message: str, position: int) -> TemplateError:
         return TemplateError(message, template=self.src, position=position)
@@ -75,7 +81,7 @@ class _Parser:
             i += 1
         return i
 
-    def run(self) -> Template:
+    def run(self) -> tuple[Segment, ...]:
         src, n = self.src, self.n
         if n == 0:
             raise self.err("empty template: expected text, a {field} or a [soft:N] span", 0)
@@ -103,7 +109,7 @@ class _Parser:
                 self.buf.append(m.group())
                 i = m.end()
         self.flush()
-        return Template(tuple(self.segments))
+        return tuple(self.segments)
 
     def field(self, start: int) -> int:
         src = self.src
@@ -142,6 +148,9 @@ class _Parser:
                 raise self.err("unbalanced '[': the soft span is not closed with ']'", start)
             if not tok:
                 raise self.err("expected a length after 'soft:' (an integer >= 1), as in [soft:4]", i)
+            if tok == self.placeholder:
+                self.placeholders.append((i, end))
+                tok = str(self.placeholder_length)
             digits = tok.lstrip("0")
             if not re.fullmatch(r"[0-9]+", tok) or not digits:
                 raise self.err(f"soft span length must be >= 1 (an integer), got {_short(tok)!r}", i)
@@ -240,11 +249,26 @@ class _Parser:
         raise self.err("unterminated string: expected a closing '\"'", start)
 
 
-def parse(source: str) -> Template:
-    """Parse the template syntax (see the module docstring); raise TemplateError if it is invalid."""
+def parse_segments(source: str, placeholder: str | None = None, placeholder_length: int = 1) -> tuple[Segment, ...]:
+    """Parse the template syntax (see the module docstring); raise TemplateError if it is invalid.
+    A soft span length written as ``placeholder`` (e.g. the ``N`` of ``[soft:N]``) reads as ``placeholder_length``."""
     if not isinstance(source, str):
         raise TypeError(f"template source must be a str, got {type(source).__name__}")
-    return _Parser(source).run()
+    return _Parser(source, placeholder, placeholder_length).run()
+
+
+def fill_length(source: str, placeholder: str, length: int) -> str:
+    """``source`` with every soft span length written as ``placeholder`` (the ``N`` of ``[soft:N]``)
+    replaced by ``length``, and nothing else changed. Raise TemplateError if the result does not parse."""
+    if not isinstance(source, str):
+        raise TypeError(f"template source must be a str, got {type(source).__name__}")
+    p = _Parser(source, placeholder, length)
+    p.run()
+    out, last = [], 0
+    for start, end in p.placeholders:
+        out += [source[last:start], str(length)]
+        last = end
+    return "".join(out) + source[last:]
 
 
 def _escape_text(text: str) -> str:
@@ -255,8 +279,8 @@ def _escape_string(text: str) -> str:
     return '"' + "".join("\\" + c if c in _STRING_ESCAPES else c for c in text) + '"'
 
 
-def format_template(t: Template) -> str:
-    """Write ``t`` in the template syntax, so that ``parse(format_template(t)) == t``.
+def format_segments(template_segments: tuple[Segment, ...]) -> str:
+    """Write the segments in the template syntax, so that ``parse_segments(format_segments(s)) == s``.
 
     Empty texts are dropped and adjacent texts merged (as ``parse`` would). A template that cannot
     be written raises TemplateError: no segments, a field or span name that is not an identifier, a
@@ -264,7 +288,7 @@ def format_template(t: Template) -> str:
     occurrences differ in length or init text.
     """
     segments: list = []
-    for s in t.segments:
+    for s in template_segments:
         if isinstance(s, Text):
             if not isinstance(s.text, str):
                 raise TemplateError(f"text segment must hold a str, got {type(s.text).__name__}")
