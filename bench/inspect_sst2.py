@@ -76,7 +76,7 @@ def main() -> None:
         out["prompts"].append(row)
         norms = [t["norm_percentile"] for t in near["tokens"]]
         md += [f"## Prompt initialized from `{init[:40]}`", "",
-               f"Nearest tokens by cosine (first 8 virtual tokens): "
+               "Nearest tokens by cosine (first 8 virtual tokens): "
                + ", ".join(f"`{t['cosine'][0]['token']}`" for t in near["tokens"][:8]),
                f"; norm percentiles among the vocabulary: median {sorted(norms)[len(norms) // 2]:.0f}, max {max(norms):.0f}.", "",
                fidelity_warning(fid), "",

@@ -10,7 +10,6 @@ Saves bench/results/lester_ablations.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -343,7 +343,7 @@ def main() -> None:
            "max_tokens": args.max_tokens, "clients": args.clients, "max_batch": args.max_batch, "prompts": N_PROMPTS,
            "quick": args.quick, "weights": "bf16" if args.bf16 else "fp32", "repeats": args.repeats,
            "hardware": hw}
-    head = f"| config | tok/s | x naive | p50 s | p99 s | TTFT p50 s | TTFT p99 s | rows/forward |"
+    head = "| config | tok/s | x naive | p50 s | p99 s | TTFT p50 s | TTFT p99 s | rows/forward |"
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_naive']:.2f} | {r['latency_p50_s']:.2f} | "

@@ -9,7 +9,6 @@ import torch
 from softprompt.artifact import load_artifact
 from softprompt.data.readers import read_examples
 from softprompt.generate import SamplingParams, generate
-from softprompt.data.readers import read_examples
 from softprompt.scoring import accuracy, label_logprobs
 from softprompt.train import TrainConfig, train
 

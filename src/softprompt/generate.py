@@ -10,7 +10,6 @@ import torch
 from softprompt.base import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
-from softprompt.data.examples import Example
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt, as_prompt
 
