@@ -61,7 +61,7 @@ def export_peft(art: PromptArtifact, base: BaseModel, out: str | Path) -> Path:
     common = {"base_model_name_or_path": base_model_id(base), "inference_mode": True, "num_layers": layers,
               "num_transformer_submodules": 1, "num_virtual_tokens": n, "revision": None, "task_type": "CAUSAL_LM",
               "modules_to_save": None, "auto_mapping": None}
-    if isinstance(prompt, PrefixTuning):
+    if not prompt.input_level:  # keys and values at every layer (prefix tuning)
         tensor = _peft_prefix(prompt.key_values().detach().float().cpu())
         config = {**common, "peft_type": "PREFIX_TUNING", "token_dim": kv_heads * head_dim,
                   "num_attention_heads": kv_heads, "encoder_hidden_size": kv_heads * head_dim,

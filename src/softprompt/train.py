@@ -11,7 +11,6 @@ summed across ranks, and only rank 0 evaluates and writes files (see ``softpromp
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.init import init_table, parse_init
 from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
 from softprompt.objectives import compile_forward, lm_loss
+from softprompt.optim import PromptOptimizer, check_finite
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
 from softprompt.scoring import accuracy, label_set, mean_loss
@@ -74,7 +74,7 @@ class TrainConfig:
         """The template to train with: ``template`` parsed, or the default ``[soft:N] {input_field}``
         built directly. Raises TemplateError for one that cannot be written back (a bad field name,
         a length < 1)."""
-        if self.kind == "prefix":  # the prefix sits before everything, in keys and values
+        if not self.input_level:  # e.g. prefix tuning: before everything, in keys and values
             t = parse_template(self.template).without_soft() if self.template else Template((Field(self.input_field),))
         else:
             t = parse_template(self.template) if self.template else \
@@ -84,12 +84,17 @@ class TrainConfig:
 
     def template_source(self) -> str:
         """The template as the artifact records it: as given, or the canonical form of a built one."""
-        if self.template and self.kind != "prefix":
+        if self.template and self.input_level:
             return self.template
         return self.prompt_template().to_string()
 
+    @property
+    def input_level(self) -> bool:
+        """Whether the kind's virtual tokens are input positions (in the template) or elsewhere."""
+        return kind_class(self.kind).input_level
+
     def n_virtual(self, template) -> int:
-        return self.tokens if self.kind == "prefix" else template.n_virtual
+        return template.n_virtual if self.input_level else self.tokens
 
 
 @dataclass
@@ -102,28 +107,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    warm = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.steps))
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, cfg.steps - warm)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return f
-
-
 def create_prompt(cfg: TrainConfig, base: BaseModel, template, label_words: list[str] | None) -> SoftPrompt:
     cls = kind_class(cfg.kind)
     n = cfg.n_virtual(template)
     if n < 1:
         raise SoftPromptError(f"a {cfg.kind} prompt needs at least one virtual token (got {n})")
-    table_template = Template.default(n) if cfg.kind == "prefix" else template
+    table_template = template if cfg.input_level else Template.default(n)
     table = init_table(table_template, parse_init(cfg.init), base.embedding.weight, base.tokenizer, cfg.seed, label_words)
     return cls.create(n, base, table, cfg.kind_options)
 
@@ -169,7 +158,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device, announce=self.dist.is_main)
         self.bf16 = self.precision.bf16
         self.template = cfg.prompt_template()
-        check_template(self.template, needs_soft=cfg.kind != "prefix")
+        check_template(self.template, needs_soft=cfg.input_level)
         self.fmt = PromptFormat(self.base.tokenizer, self.template, chat=cfg.chat, system=cfg.system,
                                 max_length=self.base.max_positions)
         self.encoded = [self.fmt.encode(e) for e in train]
@@ -181,8 +170,9 @@ class Trainer:
         params = [p for p in self.prompt.parameters() if p.requires_grad]
         self.dist.broadcast_params(params)
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.optim = PromptOptimizer(params, lr=cfg.lr, steps=cfg.steps, weight_decay=cfg.weight_decay,
+                                     warmup=cfg.warmup, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm)
+        self.opt, self.sched = self.optim.opt, self.optim.sched
         self.plan = batch_plan([len(e.ids) for e in self.encoded], cfg.batch_size, cfg.steps * cfg.grad_accum,
                                cfg.seed, bucket=cfg.bucket)
         self.compiled = compile_forward(self.base.model, cfg.target_only_head) if cfg.compile else None
@@ -207,21 +197,17 @@ class Trainer:
             tokens += int(batch["attention_mask"].sum())
             with autocast(self.device, self.bf16):
                 loss = self.loss_fn(batch) / max(n_tok, 1)
-            if not torch.isfinite(loss.detach()):
-                raise SoftPromptError(f"non-finite loss ({loss.item()}) at step {self.step + 1}: lower --lr, or check the data")
+            check_finite(loss, self.step + 1, "lower --lr, or check the data")
             loss.backward()
             total += float(loss.detach())
         if self.dist.active:
             self.dist.all_reduce_grads(self.params)
             total, tokens = self.dist.sum([total, float(tokens)], self.device)
             tokens = int(tokens)
-        norm = torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        stats = self.optim.step()
         self.step += 1
-        return {"step": self.step, "loss": total, "lr": self.sched.get_last_lr()[0], "tokens": tokens,
-                "grad_norm": float(norm) if norm is not None else None, "time_s": time.perf_counter() - t0}
+        return {"step": self.step, "loss": total, "lr": stats["lr"], "tokens": tokens, "grad_norm": stats["grad_norm"],
+                "time_s": time.perf_counter() - t0}
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:

@@ -64,6 +64,7 @@ def _options(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from softprompt.data.readers import read_examples
+    from softprompt.prompts import kind_class
     from softprompt.template import parse_template
     from softprompt.train import TrainConfig, Trainer
 
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     template = args.template
     parsed = parse_template(template) if template else None
     tokens = args.tokens if args.tokens is not None else 8
-    if args.kind == "prefix" and parsed and parsed.n_virtual:
-        raise SoftPromptError("--kind prefix puts its virtual tokens in every layer's keys and values: give a "
+    if parsed and parsed.n_virtual and not kind_class(args.kind).input_level:
+        raise SoftPromptError(f"--kind {args.kind} puts its virtual tokens in every layer's keys and values: give a "
                               "template without [soft] spans and the prefix length with --tokens N")
     if args.task:
         from softprompt.data import load_recipe, load_split

@@ -30,9 +30,9 @@ from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.kv_prefix import reusable_prefix
 from softprompt.objectives import target_logits
+from softprompt.optim import PromptOptimizer, check_finite
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
-from softprompt.train import TrainConfig, lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ class Compressor:
         prompt = self.prompt = self.make_prompt()
         prompt.train()
         student_rows = [self.renderer.student_ids(e.query) for e in entries]
-        opt = torch.optim.AdamW(prompt.parameters(), lr=c.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(steps=c.steps, warmup=c.warmup, schedule=c.schedule)))
+        optim = PromptOptimizer(prompt.parameters(), lr=c.lr, steps=c.steps, warmup=c.warmup, schedule=c.schedule,
+                                max_grad_norm=c.max_grad_norm)
         plan = batch_plan([len(r) + len(e.cont) for r, e in zip(student_rows, entries)], c.batch_size, c.steps, c.seed, bucket=False)
         bar = tqdm(total=c.steps, desc="compress", unit="step", disable=not self.progress, dynamic_ncols=True)
         history = []
@@ -232,15 +232,10 @@ class Compressor:
             with autocast(base.device, self.bf16):
                 logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
             loss = distill_loss(c.objective, logits, teacher, targets, c.temperature) / len(targets)
-            if not torch.isfinite(loss.detach()):
-                raise SoftPromptError(f"non-finite loss at step {step}: lower --lr")
+            check_finite(loss, step)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(prompt.parameters(), c.max_grad_norm) if c.max_grad_norm else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            rec = {"type": "train", "step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(norm) if norm is not None else None, "time_s": time.perf_counter() - t0}
+            rec = {"type": "train", "step": step, "loss": float(loss.detach()), **optim.step(),
+                   "time_s": time.perf_counter() - t0}
             history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
-from softprompt.prompts import register
 from softprompt.prompts.base import Materialized
 
 ENCODERS = ("lstm", "mlp")
@@ -39,7 +38,6 @@ class _MLPEncoder(nn.Module):
         return self.mlp(x)
 
 
-@register
 class PTuning(Materialized):
     kind = "p-tuning"
 

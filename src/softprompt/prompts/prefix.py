@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
-from softprompt.prompts import register
 from softprompt.prompts.base import Materialized, positions
 
 KV_KEY = "prefix_key_values"
@@ -63,7 +62,6 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-@register
 class PrefixTuning(Materialized):
     kind = "prefix"
     input_level = False
