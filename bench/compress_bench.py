@@ -243,7 +243,7 @@ def main() -> int:
 
     import torch
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     torch.manual_seed(args.seed)
     if args.threads:

@@ -30,10 +30,10 @@ def main() -> None:
     if args.quick:
         args.steps, args.dev, args.search, args.harden_steps = 2, 8, 4, 2
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.data import load_recipe, load_split
-    from softprompt.hardware import hardware_line, hardware_report
     from softprompt.encoding import PromptFormat
+    from softprompt.hardware import hardware_line, hardware_report
     from softprompt.interpret.fidelity import divergence, hard_prompt, next_token_logits, projection_fidelity, task_score
     from softprompt.interpret.harden import harden
     from softprompt.interpret.report import fidelity_warning, nearest_report

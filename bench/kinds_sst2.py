@@ -56,8 +56,8 @@ def _splits(args):
 def run_kind(name: str, args) -> dict:
     import torch
 
-    from softprompt.base import load_base
-    from softprompt.scoring import accuracy
+    from softprompt.base_model import load_base
+    from softprompt.scoring import label_accuracy
     from softprompt.train import TrainConfig, Trainer
 
     kind, template, options, init, lr = KINDS[name]
@@ -73,7 +73,7 @@ def run_kind(name: str, args) -> dict:
             times.append(rec["time_s"])
             losses.append(rec["loss"])
         trainer.prompt.eval()
-        acc = accuracy(base.model, trainer.prompt, trainer.fmt, dev, recipe.label_words, bf16=True)
+        acc = label_accuracy(base.model, trainer.prompt, trainer.fmt, dev, recipe.label_words, bf16=True)
         trainer._finish({"loss": losses[-1]}, False)  # write the artifact: its inference size is measured
         tensors = trainer.prompt.export_tensors()
         infer_key = "prefix_key_values" if kind == "prefix" else "prompt_embeddings"
@@ -85,15 +85,15 @@ def run_kind(name: str, args) -> dict:
 
 
 def run_hand_prompt(args) -> dict:
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.evaluate import hard_contender
 
     recipe, _, dev = _splits(args)
     base = load_base("smollm2", device="cpu")
-    from softprompt.scoring import accuracy
+    from softprompt.scoring import label_accuracy
 
     c = hard_contender(base, "hand-written", recipe.hard_prompt, recipe.chat)
-    acc = accuracy(base.model, None, c.fmt, dev, recipe.label_words, bf16=True)
+    acc = label_accuracy(base.model, None, c.fmt, dev, recipe.label_words, bf16=True)
     return {"name": "hand-written (untrained)", "kind": "hard", "template": recipe.hard_prompt, "trainable_params": 0,
             "inference_bytes": 0, "dev_accuracy": acc, "step_time_s": None, "peak_rss_mb": peak_rss_mb()}
 

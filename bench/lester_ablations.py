@@ -47,11 +47,11 @@ def main() -> None:
 
     import torch
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.data import load_recipe, load_split
     from softprompt.evaluate import hard_contender
-    from softprompt.metrics import bootstrap_ci
     from softprompt.scoring import classify
+    from softprompt.task_metrics import bootstrap_ci
     from softprompt.train import TrainConfig, Trainer
 
     bf16 = not args.fp32
@@ -110,7 +110,7 @@ def main() -> None:
 
 
 def write_results(out: Path, env: dict, reference: dict, runs: list[dict], lengths: list[int], inits: list[str]) -> None:
-    from softprompt.io import atomic_write_json, atomic_write_text
+    from softprompt.atomic import atomic_write_json, atomic_write_text
     from softprompt.plots import _plt, save_figure
 
     out.mkdir(parents=True, exist_ok=True)

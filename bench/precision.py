@@ -28,10 +28,10 @@ def child(precision: str, steps: int, batch_size: int) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
+    from softprompt.data.readers import read_examples
     from softprompt.hardware import hardware_report
     from softprompt.precision import resolve_precision
-    from softprompt.data.readers import read_examples
     from softprompt.train import TrainConfig, Trainer
 
     hw = hardware_report()

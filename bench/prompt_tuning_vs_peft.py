@@ -75,11 +75,10 @@ def peft_accuracy(model, trainer, dev, labels, bf16: bool, batch_size: int = 16)
 
 def run_variant(name: str, args) -> dict:
     import torch
+    from flops import model_dims, train_step_flops
 
-    from softprompt.base import load_base
-    from softprompt.encoding import IGNORE
-    from softprompt.encoding import collate
-    from softprompt.flops import model_dims, train_step_flops
+    from softprompt.base_model import load_base
+    from softprompt.encoding import IGNORE, collate
     from softprompt.objectives import shared_prefix_len
     from softprompt.train import TrainConfig, Trainer
 
@@ -105,10 +104,10 @@ def run_variant(name: str, args) -> dict:
                 shared = shared_prefix_len(collate(rows, base.tokenizer.pad_token_id)) if cfg.share_prefix else 0
                 flops.append(train_step_flops(dims, [len(e.ids) for e in rows], heads, shared).total)
             losses.append(rec["loss"])
-        from softprompt.scoring import accuracy
+        from softprompt.scoring import label_accuracy
 
         trainer.prompt.eval()
-        acc = accuracy(base.model, trainer.prompt, trainer.fmt, dev, label_words, bf16=bf16)
+        acc = label_accuracy(base.model, trainer.prompt, trainer.fmt, dev, label_words, bf16=bf16)
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
@@ -198,7 +197,7 @@ def main() -> None:
     md += ["", hardware_line(hw), "", "| variant | GFLOP/step | achieved GFLOP/s | share of the same-precision matmul peak |",
            "|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['gflop_per_step']:.1f} | {r['achieved_gflop_s']:.1f} | {r['share_of_peak']:.1%} |" for r in rows]
-    md += ["", "FLOPs are counted by `softprompt.flops` (matmuls only, real tokens only, so padding counts as overhead): "
+    md += ["", "FLOPs are counted by `bench/flops.py` (matmuls only, real tokens only, so padding counts as overhead): "
            "2 x linear weights x tokens computed forward and again backward (ours counts the batch's shared prefix once, as it runs) (activation gradients only, the base is frozen), attention "
            "over the full score matrix, and the LM head where each side runs it (ours: target positions; PEFT: every position).",
            "", "Both sides train on the same batches (our seeded, length-bucketed plan) with the same token sequences; "

@@ -281,7 +281,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     import torch
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.serve.packed import pack_linears
 
     torch.set_num_threads(args.threads)

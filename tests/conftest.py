@@ -34,7 +34,7 @@ def _fp32_on_every_cpu(request, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2 converted to a safetensors directory (cached across runs)."""
-    from softprompt.base import ensure_embedded
+    from softprompt.base_model import ensure_embedded
 
     return ensure_embedded("smollm2")
 
@@ -68,14 +68,14 @@ def other_tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture()
 def tiny(tiny_dir):
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     return load_base(str(tiny_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     return load_base("smollm2", device="cpu")
 
@@ -104,7 +104,7 @@ def sentiment_files(tmp_path):
 # -- softprompt serve (tests/test_serve_*.py; helpers in serve_helpers.py) ----------------------------
 @pytest.fixture(scope="session")
 def base(tiny_dir):
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     return load_base(str(tiny_dir), device="cpu")
 

@@ -17,8 +17,8 @@ import openai
 import torch
 
 from softprompt.artifact import build_meta, save_artifact
-from softprompt.encoding import PromptFormat
 from softprompt.data.examples import Example
+from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate, generate_ids
 from softprompt.prompts import PrefixTuning, PromptTuning, PTuning
 from softprompt.serve.app import create_app

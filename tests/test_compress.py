@@ -204,7 +204,7 @@ def test_system_layout_matches_the_chat_template(tiny):
 
 
 def test_different_teacher_sharing_the_tokenizer(tiny, other_tiny_dir, tmp_path):
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     other = load_base(str(other_tiny_dir), device="cpu")
     job = Compressor(CONTEXT, _cfg(teacher=str(other_tiny_dir)), _queries(), tmp_path / "p", base=tiny,

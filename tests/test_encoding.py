@@ -7,10 +7,10 @@ import copy
 import pytest
 
 from softprompt.chat import chat_ids
+from softprompt.data.examples import Example
 from softprompt.encoding import IGNORE, PromptFormat
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.data.examples import Example
-from softprompt.prompts.base import marker
+from softprompt.prompts.soft_prompt import marker
 from softprompt.template import parse_template
 
 

@@ -35,8 +35,8 @@ def test_evaluate_and_report(tiny, tiny_dir, sentiment_files, tmp_path, capsys):
     few = few_shot_contender(tiny, "Review: {input}\nSentiment:", read_examples(train_f), 2)
     assert "Sentiment: " in few.fmt.render(few.examples_transform(exs[0]))
     res = evaluate(tiny, [hard, few], exs, "accuracy", ["positive", "negative"], resamples=50)
-    from softprompt.scoring import accuracy
-    assert res[0].score == accuracy(tiny.model, None, hard.fmt, exs, ["positive", "negative"])
+    from softprompt.scoring import label_accuracy
+    assert res[0].score == label_accuracy(tiny.model, None, hard.fmt, exs, ["positive", "negative"])
     assert res[0].ci[0] <= res[0].score <= res[0].ci[1]
     # the CLI: a trained soft prompt beside the baselines, report files written with those numbers
     out = tmp_path / "p"

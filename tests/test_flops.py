@@ -1,13 +1,18 @@
 """FLOP accounting: the analytic count equals torch's own FLOP counter on a real training step."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from softprompt.flops import model_dims, train_step_flops
-from softprompt.hardware import hardware_line, hardware_report, matmul_flops_per_s
 from softprompt.data.readers import read_examples
+from softprompt.hardware import hardware_line, hardware_report, matmul_flops_per_s
 from softprompt.train import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # FLOP accounting lives with the benchmarks
+from flops import model_dims, train_step_flops  # noqa: E402
 
 
 def test_dims_by_hand(tiny):
@@ -60,7 +65,7 @@ def test_hardware_report_names_the_cpu_and_its_peaks():
 
 
 def test_shared_prefix_counts_shared_positions_once():
-    from softprompt.flops import ModelDims, train_step_flops
+    from flops import ModelDims
 
     dims = ModelDims(linear_params=10, layers=1, attn_dim=1, head_params=0)
     plain = train_step_flops(dims, [5, 7], 0)

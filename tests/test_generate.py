@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.encoding import PromptFormat, collate
 from softprompt.data.examples import Example
+from softprompt.encoding import PromptFormat, collate
 from softprompt.generate import SamplingParams, generate, generate_ids, sample_next
 from softprompt.prompts import PromptTuning
 from softprompt.template import parse_template

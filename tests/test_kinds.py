@@ -63,7 +63,7 @@ def test_inference_uses_materialized_tensors_and_resume_keeps_encoder(tiny, tmp_
     tr = _train(tiny, tmp_path, kind, opts, None, steps=6)
     res = tr.run()
     art = load_artifact(res.out, base=tiny)
-    tensors = art.extras["tensors"]
+    tensors = art.tensors
     key = "prefix_key_values" if kind == "prefix" else "prompt_embeddings"
     assert key in tensors and any(k.startswith(("reparam.", "encoder_state.")) for k in tensors)
     # inference reads the materialized table, which equals the encoder's output
@@ -77,7 +77,7 @@ def test_inference_uses_materialized_tensors_and_resume_keeps_encoder(tiny, tmp_
     tr2 = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed")
     assert tr2.run(stop_at=5) is None
     resumed = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed").run(resume=True)
-    a, b = load_artifact(straight.out).extras["tensors"], load_artifact(resumed.out).extras["tensors"]
+    a, b = load_artifact(straight.out).tensors, load_artifact(resumed.out).tensors
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -157,7 +157,7 @@ def test_prefix_with_cache_equals_generation_with_manual_cache(tiny, tmp_path):
 def test_prefix_refuses_unsupported_cache_layout(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.errors import SoftPromptError
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)

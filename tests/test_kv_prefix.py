@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.kv_prefix import (batch_prefix_len, broadcast, cache_rows, common_prefix_len, extends,
-                                  forward_with_prefix, layer_kv, reusable_prefix, rewind, run_prefix)
+from softprompt.kv_prefix import (
+    batch_prefix_len,
+    broadcast,
+    cache_rows,
+    common_prefix_len,
+    extends,
+    forward_with_prefix,
+    layer_kv,
+    reusable_prefix,
+    rewind,
+    run_prefix,
+)
 from softprompt.objectives import target_logits
 from softprompt.prompts import NO_PROMPT, NoPrompt, PrefixTuning, PromptTuning, as_prompt, marker
 from softprompt.prompts.prefix import cache_layout

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from softprompt.metrics import accuracy, bleu, bootstrap_ci, exact_match, macro_f1, normalize, rouge_l
+from softprompt.task_metrics import accuracy, bleu, bootstrap_ci, exact_match, macro_f1, normalize, rouge_l
 
 
 def test_accuracy_and_exact_match():

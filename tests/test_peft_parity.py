@@ -14,8 +14,8 @@ from softprompt.data.examples import Example
 from softprompt.encoding import collate
 from softprompt.peft_io import _peft_prefix, export_peft, import_peft
 from softprompt.prompts import PrefixTuning, PromptTuning
-from softprompt.prompts.base import marker
 from softprompt.prompts.prefix import cache_layout
+from softprompt.prompts.soft_prompt import marker
 
 peft = pytest.importorskip("peft")
 

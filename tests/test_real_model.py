@@ -9,7 +9,7 @@ import torch
 from softprompt.artifact import load_artifact
 from softprompt.data.readers import read_examples
 from softprompt.generate import SamplingParams, generate
-from softprompt.scoring import accuracy, label_logprobs
+from softprompt.scoring import label_accuracy, label_logprobs
 from softprompt.train import TrainConfig, train
 
 TOPIC = Path(__file__).resolve().parents[1] / "examples" / "topic"
@@ -39,7 +39,7 @@ def test_prompt_tuning_on_smollm2(smollm2, tmp_path):
     art = load_artifact(res.out, base=smollm2)
     assert art.meta["precision"]["setting"] == "auto" and art.meta["precision"]["dtype"] in ("fp32", "bf16")
     fmt = art.prompt_format(smollm2)
-    acc = accuracy(smollm2.model, art.prompt, fmt, test_set, LABELS)
+    acc = label_accuracy(smollm2.model, art.prompt, fmt, test_set, LABELS)
     assert acc >= 0.75, acc  # chance is 0.25; 12 steps reach 1.0 in our runs
     # the label words' margin: the true label's log-probability beats the best other label's on average
     scores = label_logprobs(smollm2.model, art.prompt, fmt, test_set, LABELS)

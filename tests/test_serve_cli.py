@@ -9,7 +9,7 @@ import time
 import openai
 from serve_helpers import TEXTS, _cli, _free_port, reference
 
-from softprompt.base import load_base
+from softprompt.base_model import load_base
 from softprompt.generate import SamplingParams
 from softprompt.serve.auth import hash_key
 from softprompt.serve.registry import Registry

@@ -15,7 +15,7 @@ import torch
 from serve_helpers import KEY_A, KEY_ADMIN, _err, _save, _wait
 
 from softprompt.artifact import TENSORS
-from softprompt.base import load_base
+from softprompt.base_model import load_base
 from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate
 from softprompt.prompts import PromptTuning

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softprompt.errors import DataError, SoftPromptError
 from softprompt.data.datasets import READERS, clean_agnews
 from softprompt.data.recipes import TaskRecipe, list_recipes, load_recipe, recipe_from_dict, template_fields
 from softprompt.data.splits import load_split
+from softprompt.errors import DataError, SoftPromptError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from softprompt.artifact import load_artifact
-from softprompt.base import load_base
+from softprompt.base_model import load_base
 from softprompt.data.examples import Example
 from softprompt.data.readers import read_examples
 from softprompt.encoding import IGNORE, Encoded, PromptFormat, collate

@@ -11,11 +11,11 @@ import warnings
 from pathlib import Path
 
 from softprompt.artifact import load_artifact
-from softprompt.base import load_base
+from softprompt.base_model import load_base
 from softprompt.data.readers import read_examples
 from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate
-from softprompt.scoring import accuracy
+from softprompt.scoring import label_accuracy
 from softprompt.template import parse_template
 from softprompt.train import TrainConfig, train
 
@@ -43,7 +43,7 @@ def main() -> None:
 
     # 1. The hand-written prompt, scored by ranking the label words (no training).
     hard = PromptFormat(base.tokenizer, parse_template((HERE / "hard_prompt.txt").read_text()), max_length=base.max_positions)
-    hard_acc = accuracy(base.model, None, hard, test_set, LABELS)
+    hard_acc = label_accuracy(base.model, None, hard, test_set, LABELS)
 
     # 2. Learn a soft prompt: 8 virtual tokens, initialized from a short instruction.
     cfg = TrainConfig(model="smollm2", tokens=args.tokens, init="text:Classify the topic of this text:",
@@ -55,7 +55,7 @@ def main() -> None:
     # 3. Reload it from disk (checked against the base model's fingerprint) and score held-out examples.
     art = load_artifact(res.out, base=base)
     fmt = art.prompt_format(base)
-    soft_acc = accuracy(base.model, art.prompt, fmt, test_set, LABELS)
+    soft_acc = label_accuracy(base.model, art.prompt, fmt, test_set, LABELS)
 
     print()
     print(f"held-out accuracy on {len(test_set)} examples (label ranking, 4 classes, chance 0.25):")

@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from softprompt import __version__
-from softprompt.base import BaseModel, check_fingerprint
+from softprompt.atomic import atomic_save_tensors, atomic_write_json
+from softprompt.base_model import BaseModel, check_fingerprint
 from softprompt.errors import ArtifactError
-from softprompt.io import atomic_save_tensors, atomic_write_json
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.template import Template, parse_template
 
@@ -35,7 +35,7 @@ class PromptArtifact:
     template: Template
     meta: dict
     path: Path | None = None
-    extras: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)  # the tensors as stored in prompt.safetensors
 
     @property
     def kind(self) -> str:
@@ -117,7 +117,7 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
         raise ArtifactError(f"{path / TENSORS}: corrupt tensor file ({e})") from None
     cls = kind_class(meta["kind"])
     try:
-        prompt = cls.from_meta(meta) if hasattr(cls, "from_meta") else cls(hidden_size=meta["hidden_size"], **meta.get("kind_config", {}))
+        prompt = cls(hidden_size=meta["hidden_size"], **meta.get("kind_config", {}))
         prompt.load_tensors(tensors)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ArtifactError(f"{path}: tensors do not match prompt.json ({e})") from None
@@ -128,4 +128,4 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
         prompt = prompt.to(device)
     prompt.requires_grad_(False)
     prompt.eval()
-    return PromptArtifact(prompt, template, meta, path, {"tensors": tensors})
+    return PromptArtifact(prompt, template, meta, path, tensors)

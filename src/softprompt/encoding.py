@@ -8,7 +8,7 @@ import torch
 
 from softprompt.data.examples import Example
 from softprompt.errors import DataError, SoftPromptError
-from softprompt.prompts.base import marker
+from softprompt.prompts.soft_prompt import marker
 from softprompt.template import Field, Soft, Template, Text
 
 IGNORE = -100

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softprompt.artifact import PromptArtifact
-from softprompt.base import BaseModel
+from softprompt.atomic import atomic_write_json, atomic_write_text
+from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, generate
-from softprompt.io import atomic_write_json, atomic_write_text
-from softprompt.metrics import bootstrap_ci, metric_fn
 from softprompt.scoring import classify, mean_loss, perplexity
+from softprompt.task_metrics import bootstrap_ci, metric_fn
 from softprompt.template import Field, parse_template
 
 DEMOS_FIELD = "_demonstrations"

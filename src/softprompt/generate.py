@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from softprompt.base import BaseModel
+from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
 from softprompt.precision import autocast

@@ -20,14 +20,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from softprompt import __version__
 from softprompt.artifact import PromptArtifact, build_meta, save_artifact
-from softprompt.base import BaseModel, check_fingerprint
+from softprompt.atomic import atomic_save_tensors, atomic_write_json
+from softprompt.base_model import BaseModel, check_fingerprint
 from softprompt.errors import ArtifactError, SoftPromptError
-from softprompt.io import atomic_save_tensors, atomic_write_json
 from softprompt.prompts import PrefixTuning, PromptTuning
 from softprompt.prompts.prefix import cache_layout
 from softprompt.template import Field, Soft, Template, Text, parse_template

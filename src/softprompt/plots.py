@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softprompt.io import atomic_write_bytes
+from softprompt.atomic import atomic_write_bytes
 
 
 def _plt():

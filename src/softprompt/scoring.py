@@ -57,7 +57,7 @@ def classify(model, prompt, fmt, examples, labels, **kw) -> list[str]:
     return [labels[i] for i in scores.argmax(-1).tolist()]
 
 
-def accuracy(model, prompt, fmt, examples, labels, **kw) -> float:
+def label_accuracy(model, prompt, fmt, examples, labels, **kw) -> float:
     preds = classify(model, prompt, fmt, examples, labels, **kw)
     gold = [e.target for e in examples]
     return sum(p.strip() == (g or "").strip() for p, g in zip(preds, gold)) / max(len(gold), 1)

@@ -21,19 +21,19 @@ import torch
 
 from softprompt import __version__
 from softprompt.artifact import build_meta, save_artifact
-from softprompt.base import BaseModel, load_base
+from softprompt.atomic import atomic_replace_dir, atomic_save_tensors, atomic_write_json
+from softprompt.base_model import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.data.examples import Example
 from softprompt.distributed import current as current_dist
 from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
 from softprompt.init import init_table, parse_init
-from softprompt.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json
 from softprompt.objectives import compile_forward, lm_loss
 from softprompt.optim import PromptOptimizer, check_finite
-from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
-from softprompt.scoring import accuracy, label_set, mean_loss
+from softprompt.prompts import SoftPrompt, kind_class
+from softprompt.scoring import label_accuracy, label_set, mean_loss
 from softprompt.template import Field, Soft, Template, Text, parse_template
 
 CHECKPOINT = "checkpoint"
@@ -214,7 +214,7 @@ class Trainer:
         self.prompt.eval()
         out = {"step": self.step, "dev_loss": mean_loss(self.base.model, self.prompt, self.fmt, self.dev_set, bf16=self.bf16)}
         if self.labels:
-            out["dev_accuracy"] = accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.bf16)
+            out["dev_accuracy"] = label_accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.bf16)
         self.prompt.train()
         return out
 

@@ -29,7 +29,7 @@ def resolve(args, device) -> bool:
 def load_prompt_and_base(path: str, model: str | None, device: str | None):
     """The artifact at ``path`` and its base model (``model`` overrides the recorded one)."""
     from softprompt.artifact import load_artifact, read_meta
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     meta = read_meta(path)
     base = load_base(model or meta["base_model"]["id"], device=device)

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from softprompt.artifact import load_artifact, read_meta
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.data.readers import read_examples
     from softprompt.errors import SoftPromptError
     from softprompt.evaluate import evaluate, few_shot_contender, format_table, hard_contender, save_report, soft_contender

@@ -30,11 +30,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softprompt.atomic import atomic_write_json, atomic_write_text
     from softprompt.data.readers import read_examples
     from softprompt.errors import SoftPromptError
     from softprompt.interpret.fidelity import divergence, hard_prompt, next_token_logits, project, task_score
     from softprompt.interpret.harden import harden
-    from softprompt.io import atomic_write_json, atomic_write_text
 
     if args.steps < 1:
         raise SoftPromptError("--steps must be >= 1")

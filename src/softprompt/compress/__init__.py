@@ -1,5 +1,5 @@
 """Context compression: distill a long context into a few soft tokens (see docs/compression.md)."""
-from softprompt.compress.compressor import CompressConfig, CompressResult, Compressor, compress
+from softprompt.compress.compressor import CompressConfig, Compressor, CompressResult, compress
 from softprompt.compress.queries import generate_queries, split_queries
 from softprompt.data.queries import Query, read_queries
 

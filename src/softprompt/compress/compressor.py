@@ -18,21 +18,21 @@ from typing import Callable
 import torch
 
 from softprompt.artifact import build_meta, save_artifact
-from softprompt.base import BaseModel, load_base
+from softprompt.base_model import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
 from softprompt.compress.layout import Layout, Renderer, make_layout
 from softprompt.compress.queries import generate_queries, split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
-from softprompt.compress.teacher import Entry, Teacher, TeacherDists, cache_key, load_entries, save_entries
+from softprompt.compress.teacher import Teacher, TeacherDists, TeacherEntry, cache_key, load_entries, save_entries
 from softprompt.data.queries import Query
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.kv_prefix import reusable_prefix
 from softprompt.objectives import target_logits
 from softprompt.optim import PromptOptimizer, check_finite
-from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.precision import autocast, resolve_precision
+from softprompt.prompts import SoftPrompt, kind_class
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Compressor:
     def cache_dir(self) -> Path:
         return Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "teacher_cache"
 
-    def teacher_entries(self, split: str, queries: list[Query]) -> tuple[list[Entry], bool]:
+    def teacher_entries(self, split: str, queries: list[Query]) -> tuple[list[TeacherEntry], bool]:
         """Cached teacher outputs for ``queries`` (training: continuations + distributions; held-out:
         greedy continuations only). Returns (entries, loaded from disk)."""
         path = self.cache_dir / f"{split}-{self._key(split, queries)}.safetensors"
@@ -196,7 +196,7 @@ class Compressor:
         for q, ids in tqdm(list(zip(queries, rows)), desc=f"teacher ({split})", disable=not self.progress, leave=False):
             sample = c.sample_temperature if split == "train" else 0.0
             cont, dists = self.teacher.continue_(ids, c.max_new_tokens, c.temperature, c.topk, sample, gen)
-            entries.append(Entry(q.text, ids, cont, dists.to("cpu") if split == "train" else None))
+            entries.append(TeacherEntry(q.text, ids, cont, dists.to("cpu") if split == "train" else None))
         save_entries(path, entries, {"split": split, "context_tokens": len(self.ctx_ids)})
         return entries, False
 
@@ -210,7 +210,7 @@ class Compressor:
         table = init_table(self.layout.template, self.init_spec(), self.base.embedding.weight, self.base.tokenizer, self.cfg.seed)
         return kind_class("prompt-tuning").create(self.cfg.tokens, self.base, table).to(self.base.device)
 
-    def train(self, entries: list[Entry]) -> list[dict]:
+    def train(self, entries: list[TeacherEntry]) -> list[dict]:
         """The distillation loop; it runs only the student (the teacher's outputs come from ``entries``)."""
         from tqdm.auto import tqdm
 
@@ -246,7 +246,7 @@ class Compressor:
         return history
 
     @torch.no_grad()
-    def loss_on(self, entries: list[Entry], prompt: SoftPrompt | None = None) -> float:
+    def loss_on(self, entries: list[TeacherEntry], prompt: SoftPrompt | None = None) -> float:
         """Mean distillation loss per token of ``prompt`` (default: the current one) over ``entries``."""
         c, base = self.cfg, self.base
         prompt = prompt or self.prompt
@@ -263,7 +263,7 @@ class Compressor:
         return total / max(count, 1)
 
     # -- the report --------------------------------------------------------------------------------
-    def evaluate(self, heldout: list[Entry]) -> dict:
+    def evaluate(self, heldout: list[TeacherEntry]) -> dict:
         """Fidelity of the soft prompt and the two baselines on held-out queries, and the cost side."""
         c, base, tok = self.cfg, self.base, self.base.tokenizer
         n = c.tokens

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
+from softprompt.atomic import atomic_write_json, atomic_write_text
 from softprompt.compress.distill import kl_loss, rows_batch
 from softprompt.compress.teacher import TeacherDists
 from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
-from softprompt.io import atomic_write_json, atomic_write_text
-from softprompt.metrics import normalize, rouge_l
 from softprompt.objectives import target_logits
-from softprompt.prompts import as_prompt
 from softprompt.precision import autocast
+from softprompt.prompts import as_prompt
+from softprompt.task_metrics import normalize, rouge_l
 
 VARIANTS = {"soft": "soft prompt", "truncated": "truncated context", "none": "no context"}
 

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from softprompt.base import BaseModel
-from softprompt.io import atomic_save_tensors
+from softprompt.atomic import atomic_save_tensors
+from softprompt.base_model import BaseModel
 from softprompt.kv_prefix import extends, rewind
 from softprompt.precision import autocast
 
@@ -63,7 +63,7 @@ def compress_dist(logits: torch.Tensor, temperature: float, topk: int) -> Teache
 
 
 @dataclass
-class Entry:
+class TeacherEntry:
     """One query's teacher output: the continuation ids and the distribution at each of its tokens."""
 
     query: str
@@ -142,7 +142,7 @@ class Teacher:
         first = len(ids) - start - 1
         return out.logits[0][first:first + len(cont)].float()
 
-def save_entries(path: Path, entries: list[Entry], info: dict) -> None:
+def save_entries(path: Path, entries: list[TeacherEntry], info: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     offsets = [0]
     for e in entries:
@@ -160,7 +160,7 @@ def save_entries(path: Path, entries: list[Entry], info: dict) -> None:
     atomic_save_tensors(path, tensors, meta)
 
 
-def load_entries(path: Path) -> list[Entry] | None:
+def load_entries(path: Path) -> list[TeacherEntry] | None:
     """The cached entries, or None when the file is absent or unreadable."""
     if not path.exists():
         return None
@@ -183,5 +183,5 @@ def load_entries(path: Path) -> list[Entry] | None:
             d = TeacherDists(idx=t["idx"][a:b], logp=t["logp"][a:b], rest=t["rest"][a:b])
         else:
             d = None
-        out.append(Entry(q, ids[i], t["cont"][a:b].tolist(), d))
+        out.append(TeacherEntry(q, ids[i], t["cont"][a:b].tolist(), d))
     return out

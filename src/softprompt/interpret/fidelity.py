@@ -9,9 +9,9 @@ from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
 from softprompt.interpret.nearest import nearest_tokens
 from softprompt.objectives import target_logits
-from softprompt.prompts import PromptTuning, SoftPrompt
 from softprompt.precision import autocast
-from softprompt.scoring import accuracy, mean_loss
+from softprompt.prompts import PromptTuning, SoftPrompt
+from softprompt.scoring import label_accuracy, mean_loss
 
 
 def input_vectors(prompt: SoftPrompt) -> torch.Tensor:
@@ -72,7 +72,7 @@ def divergence(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 def task_score(model, prompt, fmt, examples, labels: list[str] | None, bf16: bool = False) -> dict:
     if labels:
-        return {"metric": "accuracy", "value": accuracy(model, prompt, fmt, examples, labels, bf16=bf16)}
+        return {"metric": "accuracy", "value": label_accuracy(model, prompt, fmt, examples, labels, bf16=bf16)}
     return {"metric": "target_loss", "value": mean_loss(model, prompt, fmt, examples, bf16=bf16)}
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.atomic import atomic_write_json, atomic_write_text
 from softprompt.interpret.nearest import METRICS, nearest_tokens, norm_percentiles
-from softprompt.io import atomic_write_json, atomic_write_text
 
 LOW_FIDELITY_KL = 0.1  # nats per position: above this a projection is a poor stand-in for the prompt
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from softprompt.errors import SoftPromptError
-from softprompt.prompts.base import SoftPrompt, marker
 from softprompt.prompts.null import NO_PROMPT, NoPrompt, as_prompt  # not a kind: never saved
 from softprompt.prompts.p_tuning import PTuning
 from softprompt.prompts.prefix import PrefixTuning
 from softprompt.prompts.prompt_tuning import PromptTuning
+from softprompt.prompts.soft_prompt import SoftPrompt, marker
 
 KINDS: dict[str, type[SoftPrompt]] = {cls.kind: cls for cls in (PromptTuning, PTuning, PrefixTuning)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.prompts.base import SoftPrompt, positions
+from softprompt.prompts.soft_prompt import SoftPrompt, positions
 
 
 class NoPrompt(SoftPrompt):

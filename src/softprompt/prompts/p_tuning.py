@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
-from softprompt.prompts.base import Materialized
+from softprompt.prompts.soft_prompt import Materialized
 
 ENCODERS = ("lstm", "mlp")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
-from softprompt.prompts.base import Materialized, positions
+from softprompt.prompts.soft_prompt import Materialized, positions
 
 KV_KEY = "prefix_key_values"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.prompts.base import SoftPrompt
+from softprompt.prompts.soft_prompt import SoftPrompt
 
 
 class PromptTuning(SoftPrompt):

@@ -35,7 +35,7 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
     prepacked for oneDNN (CPU only)."""
     import torch
 
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
 
     auth = Auth.from_file(keys) if keys else Auth()
     base = load_base(model, device=device)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from softprompt.base import BaseModel
+from softprompt.base_model import BaseModel
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
 from softprompt.kv_prefix import common_prefix_len, extends

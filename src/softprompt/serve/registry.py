@@ -12,15 +12,15 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.artifact import META, TENSORS, PromptArtifact, load_artifact
-from softprompt.base import BaseModel
+from softprompt.atomic import atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
 from softprompt.errors import SoftPromptError
-from softprompt.io import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from softprompt.kv_prefix import common_prefix_len
 from softprompt.serve.kv_cache import content_hash
 
@@ -58,7 +58,7 @@ class LoadedPrompt:
 
 
 @dataclass
-class Entry:
+class PromptEntry:
     name: str
     path: Path
     signature: tuple | None = None
@@ -66,7 +66,6 @@ class Entry:
     hash: str | None = None
     error: str | None = None
     kind: str | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def prepare(name: str, path: Path, base: BaseModel) -> LoadedPrompt:
@@ -93,7 +92,7 @@ class Registry:
         self.base, self.dir, self.budget = base, Path(directory), budget_bytes
         if not self.dir.is_dir():
             raise SoftPromptError(f"--prompts {self.dir}: not a directory")
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, PromptEntry] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -124,9 +123,9 @@ class Registry:
                 self._drop(name)
                 log.info("prompt %r removed (its directory is gone)", name)
 
-    def _load(self, name: str, path: Path, sig: tuple | None) -> Entry:
+    def _load(self, name: str, path: Path, sig: tuple | None) -> PromptEntry:
         with self._lock:
-            entry = self.entries.get(name) or Entry(name, path)
+            entry = self.entries.get(name) or PromptEntry(name, path)
             old_hash = entry.hash
         try:
             loaded = prepare(name, path, self.base)
@@ -209,7 +208,7 @@ class Registry:
                      "error": e.error} for _, e in sorted(self.entries.items())]
 
     # -- administration ----------------------------------------------------------------------------
-    def install(self, name: str, meta: dict, tensors: bytes) -> Entry:
+    def install(self, name: str, meta: dict, tensors: bytes) -> PromptEntry:
         """Write an artifact into the prompts directory (atomically) and load it."""
         if not NAME.match(name) or name == BASE_NAME:
             raise SoftPromptError(f"invalid prompt name {name!r} (letters, digits, . _ -; not 'base')")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from softprompt.base import BaseModel
+from softprompt.base_model import BaseModel
 from softprompt.serve.auth import Auth
 from softprompt.serve.engine import Engine
 from softprompt.serve.kv_cache import PrefixCache

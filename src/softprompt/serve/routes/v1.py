@@ -17,8 +17,7 @@ from softprompt.serve.engine import QueueFull
 from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, LoadedPrompt
 from softprompt.serve.routes.deps import ServerDep, TenantDep
-from softprompt.serve.schemas import (Body, ChatBody, CompletionBody, check_ids, engine_requests, parse, read_json,
-                                      sampling_params)
+from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, parse, read_json, sampling_params
 from softprompt.serve.server import Server
 from softprompt.serve.streaming import TokenLog, event_stream, usage
 

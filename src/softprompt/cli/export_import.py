@@ -50,7 +50,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from softprompt.base import load_base
+    from softprompt.base_model import load_base
     from softprompt.peft_io import import_peft
 
     out = Path(args.out)

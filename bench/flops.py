@@ -1,4 +1,5 @@
-"""FLOP accounting for soft-prompt training on a frozen base, and the machine's matmul throughput.
+"""FLOP accounting for soft-prompt training on a frozen base (used by the benchmarks; the machine's
+matmul peak is softprompt.hardware).
 
 Counted: the matrix multiplies (2 FLOPs per multiply-add), which are nearly all of the work.
 
