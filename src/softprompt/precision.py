@@ -28,8 +28,8 @@ SETTINGS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which oneDNN has no bf16 instructions
 _ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-SLOWDOWN = ("expect bf16 matmuls about 100x and training steps about 10x slower than fp32 "
-            "(measured on an AVX2-only AMD EPYC: 0.9 vs 86 GFLOP/s, 50 vs 5 s/step)")
+SLOWDOWN = ("expect bf16 matmuls about 100x and training steps 10-25x slower than fp32 (measured with AVX2 "
+            "kernels: 0.9 vs 86-186 GFLOP/s, 50 vs 5 and 21.7 vs 0.94 s/step; bench/results/precision.md)")
 
 
 @dataclass(frozen=True)
