@@ -125,10 +125,14 @@ def run_one(base, ctx: dict, train, held, tokens: int, init: str, args, cache: P
 
 COLS = [("context", "context", "{}"), ("ctx tok", "context_tokens", "{}"), ("soft", "soft_tokens", "{}"),
         ("ratio", "ratio", "{:.0f}x"), ("init", "init", "{}"),
-        ("KL soft", "soft_kl_per_token", "{:.3f}"), ("KL trunc", "truncated_kl_per_token", "{:.3f}"), ("KL none", "none_kl_per_token", "{:.3f}"),
-        ("top1 soft", "soft_top1_agreement", "{:.3f}"), ("top1 trunc", "truncated_top1_agreement", "{:.3f}"), ("top1 none", "none_top1_agreement", "{:.3f}"),
-        ("EM soft", "soft_exact_match", "{:.2f}"), ("RL soft", "soft_rouge_l", "{:.3f}"), ("RL trunc", "truncated_rouge_l", "{:.3f}"), ("RL none", "none_rouge_l", "{:.3f}"),
-        ("F1 full", "teacher_answer_f1", "{:.3f}"), ("F1 soft", "soft_answer_f1", "{:.3f}"), ("F1 trunc", "truncated_answer_f1", "{:.3f}"), ("F1 none", "none_answer_f1", "{:.3f}"),
+        ("KL soft", "soft_kl_per_token", "{:.3f}"), ("KL trunc", "truncated_kl_per_token", "{:.3f}"),
+        ("KL none", "none_kl_per_token", "{:.3f}"),
+        ("top1 soft", "soft_top1_agreement", "{:.3f}"), ("top1 trunc", "truncated_top1_agreement", "{:.3f}"),
+        ("top1 none", "none_top1_agreement", "{:.3f}"),
+        ("EM soft", "soft_exact_match", "{:.2f}"), ("RL soft", "soft_rouge_l", "{:.3f}"), ("RL trunc", "truncated_rouge_l", "{:.3f}"),
+        ("RL none", "none_rouge_l", "{:.3f}"),
+        ("F1 full", "teacher_answer_f1", "{:.3f}"), ("F1 soft", "soft_answer_f1", "{:.3f}"), ("F1 trunc", "truncated_answer_f1", "{:.3f}"),
+        ("F1 none", "none_answer_f1", "{:.3f}"),
         ("TTFT full ms", "ttft_full_ms", "{:.0f}"), ("TTFT soft ms", "ttft_soft_ms", "{:.0f}"),
         ("KV full KiB", "kv_full", "{:.0f}"), ("KV soft KiB", "kv_soft", "{:.0f}"), ("train s", "train_s", "{:.1f}")]
 
@@ -170,7 +174,9 @@ def findings(rows: list[dict]) -> list[str]:
     if pairs:
         better = sum(c["soft_kl_per_token"] < r["soft_kl_per_token"] for c, r in pairs)
         out.append(f"Initialization from the context text gives lower KL than random initialization in {better}/{len(pairs)} "
-                   "paired runs (" + ", ".join(f"{c['context']}: {c['soft_kl_per_token']:.3f} vs {r['soft_kl_per_token']:.3f}" for c, r in pairs) + ").")
+                   "paired runs ("
+                   + ", ".join(f"{c['context']}: {c['soft_kl_per_token']:.3f} vs {r['soft_kl_per_token']:.3f}" for c, r in pairs)
+                   + ").")
     kv = [r["kv_full"] / r["kv_soft"] for r in main]
     tt = [r["ttft_full_ms"] / r["ttft_soft_ms"] for r in main]
     out.append(f"KV cache per query shrinks {min(kv):.1f}x to {max(kv):.1f}x; measured time to first token "

@@ -82,7 +82,8 @@ def main() -> None:
                fidelity_warning(fid), "",
                "| Prompt | Text in the slots | Held-out KL | Top-1 agreement | Accuracy |", "|---|---|---|---|---|",
                f"| soft prompt | (20 vectors) | (reference) | (reference) | {fid['soft']['value']:.3f} |",
-               f"| nearest-token projection | `{''.join(fid['projected_tokens'])!r}` | {fid['kl']:.3f} | {fid['top1_agreement']:.3f} | {fid['projected']['value']:.3f} |"]
+               f"| nearest-token projection | `{''.join(fid['projected_tokens'])!r}` | {fid['kl']:.3f} | {fid['top1_agreement']:.3f} | "
+               f"{fid['projected']['value']:.3f} |"]
         md += [f"| hardened ({h['method']}) | `{h['text']!r}` | {h['held_out_kl']:.3f} | {h['held_out_top1']:.3f} | {h['value']:.3f} |"
                for h in hardened]
         md += [f"| hand-written (no slots) | `{recipe.hard_prompt!r}` | — | — | {hand_logits_score['value']:.3f} |", ""]

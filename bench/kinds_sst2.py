@@ -99,7 +99,8 @@ def run_hand_prompt(args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| Prompt | Kind | Dev accuracy | Trainable params | Inference size | Loss first5 -> last5 | Step time | Peak RSS |\n|---|---|---|---|---|---|---|---|\n"
+    head = ("| Prompt | Kind | Dev accuracy | Trainable params | Inference size | Loss first5 -> last5 | Step time | Peak RSS |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     out = []
     for r in rows:
         loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if "first_loss" in r else "—"

@@ -79,7 +79,8 @@ def main() -> None:
            "data": f"SST-2 sentences (sst2 recipe): {len(train)} training sentences, fixed dev subset of {len(dev)}",
            "template": recipe.soft_template, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
            "optimizer": "AdamW, 6% warmup, linear decay", "precision": "bf16 autocast" if bf16 else "fp32",
-           "hardware": hw, "seed": args.seed, "threads": torch.get_num_threads(), "dev_examples": len(dev), "command": " ".join(["python", "bench/lester_ablations.py"] + sys.argv[1:])}
+           "hardware": hw, "seed": args.seed, "threads": torch.get_num_threads(), "dev_examples": len(dev),
+           "command": " ".join(["python", "bench/lester_ablations.py"] + sys.argv[1:])}
     out, started = Path(args.out), time.perf_counter()
     hard = hard_contender(base, "hand-written", recipe.hard_prompt, chat=recipe.chat)
     reference = {"template": recipe.hard_prompt, **score(None, hard.fmt)}
@@ -122,7 +123,8 @@ def write_results(out: Path, env: dict, reference: dict, runs: list[dict], lengt
     atomic_write_json(out / "lester_ablations.json", {"env": env, "hand_written": reference, "runs": runs})
 
     md = ["# Prompt length x initialization (Lester et al. 2021, in spirit): SmolLM2-135M on SST-2", ""]
-    md += [f"- {k}: {v!r}" if isinstance(v, str) and "\n" in v else f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + [hardware_line(env["hardware"])]
+    md += ([f"- {k}: {v!r}" if isinstance(v, str) and "\n" in v else f"- {k}: {v}" for k, v in env.items() if k != "hardware"]
+           + [hardware_line(env["hardware"])])
     md += ["", "Dev accuracy (label ranking; 95% bootstrap interval in brackets) after the fixed budget:", "",
            "| length | " + " | ".join(inits) + " |", "|---" * (len(inits) + 1) + "|"]
     for n in lengths:

@@ -75,7 +75,8 @@ def main() -> None:
     by = {(r["cpu"], r["precision"]): r for r in rows}
     md = ["# Precision by CPU: fp32 and bf16 training steps on SmolLM2-135M", "",
           f"Topic demo task, batch {args.batch_size}, 8 virtual tokens; median of {args.steps} steps after one warm-up. "
-          "'limited to AVX2' is the same CPU with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`: torch, oneDNN and MKL "
+          "'limited to AVX2' is the same CPU with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`: "
+          "torch, oneDNN and MKL "
           "then run the kernels an AVX2-only CPU runs (bf16 matmuls emulated). All rows from one run "
           f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
           "| CPU | ISA seen | precision | s/step | matmul fp32 GFLOP/s | matmul bf16 GFLOP/s | `auto` picks |",

@@ -182,7 +182,8 @@ def main() -> None:
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), "model": "SmolLM2-135M-Instruct (embedded)", "data": "SST-2 sentences (sst2 recipe), chat template",
            "batch_size": args.batch_size, "virtual_tokens": args.tokens, "steps_timed": args.steps, "warmup_steps": args.warmup,
-           "examples": args.examples, "dev_examples": args.dev, "hardware": hw, "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
+           "examples": args.examples, "dev_examples": args.dev, "hardware": hw,
+           "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
     head = f"{'variant':<18} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"
     lines = [head] + [f"{r['variant']:<18} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['speedup_vs_peft_fp32']:12.2f} "
                       f"{r['dev_accuracy']:8.3f} {r['achieved_gflop_s']:8.1f} {r['share_of_peak']:8.1%}" for r in rows]
@@ -198,7 +199,8 @@ def main() -> None:
            "|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['gflop_per_step']:.1f} | {r['achieved_gflop_s']:.1f} | {r['share_of_peak']:.1%} |" for r in rows]
     md += ["", "FLOPs are counted by `bench/flops.py` (matmuls only, real tokens only, so padding counts as overhead): "
-           "2 x linear weights x tokens computed forward and again backward (ours counts the batch's shared prefix once, as it runs) (activation gradients only, the base is frozen), attention "
+           "2 x linear weights x tokens computed forward and again backward (ours counts the batch's shared prefix once, as it runs) "
+           "(activation gradients only, the base is frozen), attention "
            "over the full score matrix, and the LM head where each side runs it (ours: target positions; PEFT: every position).",
            "", "Both sides train on the same batches (our seeded, length-bucketed plan) with the same token sequences; "
            "PEFT prepends its virtual tokens, ours sit in the template slot. Tokens/s counts non-pad tokens including the "
@@ -212,7 +214,8 @@ def main() -> None:
            f"of ours in bf16 (ours-bf16-noshare turns it off). Dev accuracy (label ranking on {env['dev_examples']} SST-2 dev "
            f"sentences after the same steps): ours bf16 {by['ours-bf16']['dev_accuracy']:.3f}, PEFT fp32 "
            f"{by['peft-fp32']['dev_accuracy']:.3f}, PEFT bf16 {by['peft-bf16']['dev_accuracy']:.3f}. Peak RSS: ours "
-           f"{by['ours-fp32']['peak_rss_mb']:.0f} MB vs PEFT {by['peft-fp32']['peak_rss_mb']:.0f} MB (fp32), which is consistent with (not separately measured) the "
+           f"{by['ours-fp32']['peak_rss_mb']:.0f} MB vs PEFT {by['peft-fp32']['peak_rss_mb']:.0f} MB (fp32), "
+           "which is consistent with (not separately measured) the "
            "full-vocabulary logits PEFT materializes at every position. Figures from one run on a shared 2-core machine."]
     (RESULTS / "prompt_tuning_vs_peft.md").write_text("\n".join(md) + "\n")
 

@@ -148,7 +148,8 @@ def run_server(prompt_dir: Path, jobs: list[tuple[str, str]], max_tokens: int, c
 
     port = free_port()
     cmd = [sys.executable, "-m", "softprompt", "serve", "--model", "smollm2", "--device", "cpu", "--prompts", str(prompt_dir),
-           "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients), "--watch-interval", "0"]
+           "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + clients),
+           "--watch-interval", "0"]
     if not cache:
         cmd.append("--no-prefix-cache")
     cmd += ["--precision", "bf16" if bf16 else "fp32"]  # explicit: auto would pick bf16 on a CPU with native bf16
@@ -368,7 +369,8 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"env": env, "results": rows, "agreement_with_naive": {"cache_on": agree_on, "cache_off": agree_off,
                                                                "not_prepacked": agree_unpacked}}, indent=2) + "\n")
-    md = [f"# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU, {env['weights']} weights)", ""] + [f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + ["", hardware_line(hw), ""]
+    md = ([f"# Serving throughput: 16 soft prompts on SmolLM2-135M (CPU, {env['weights']} weights)", ""]
+          + [f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + ["", hardware_line(hw), ""])
     md += lines + ["", agree_line, "", "Naive latency is each request's own service time (requests run one after another, "
                    "no queueing); server latency includes queueing behind the other 15 clients.", "", ratio_line, "",
                    split_line, "", f"![plot]({stem}.png)"]

@@ -92,7 +92,8 @@ def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inpu
         emitted = [""] * len(chunk)
         ids_so_far: list[list[int]] = [[] for _ in chunk]
 
-        def on_token(i: int, t: int) -> None:
+        def on_token(i: int, t: int, ids_so_far: list[list[int]] = ids_so_far, emitted: list[str] = emitted,
+                     start: int = start) -> None:
             ids_so_far[i].append(t)
             text = _cut_at_stop(tok.decode(ids_so_far[i], skip_special_tokens=True), params.stop)
             if stream and len(text) > len(emitted[i]) and not text.endswith("\ufffd"):

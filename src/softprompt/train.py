@@ -318,7 +318,8 @@ class Trainer:
         log.flush()
         self.history.append(rec)
         if bar is not None:
-            bar.write("step {step}: dev_loss {dev_loss:.4f}".format(**ev) + (f" dev_accuracy {ev['dev_accuracy']:.3f}" if "dev_accuracy" in ev else ""))
+            bar.write("step {step}: dev_loss {dev_loss:.4f}".format(**ev)
+                      + (f" dev_accuracy {ev['dev_accuracy']:.3f}" if "dev_accuracy" in ev else ""))
         if self._improved(ev):
             self.best = ev
             self.best_tensors = {k: v.detach().clone().cpu() for k, v in self.prompt.state_dict().items()}
@@ -339,9 +340,10 @@ class Trainer:
             metrics["world_size"] = self.dist.world
         meta = build_meta(self.prompt, self.template_source, self.base, init=self.cfg.init,
                           format=self.fmt.describe(), labels=self.labels, train_config=asdict(self.cfg),
-                          metrics=metrics, precision=self.precision.to_meta(), data={"train": self.train_set[0].source, "n_train": len(self.train_set),
-                                                 "dev": self.dev_set[0].source if self.dev_set else None,
-                                                 "n_dev": len(self.dev_set)})
+                          metrics=metrics, precision=self.precision.to_meta(),
+                          data={"train": self.train_set[0].source, "n_train": len(self.train_set),
+                                "dev": self.dev_set[0].source if self.dev_set else None,
+                                "n_dev": len(self.dev_set)})
         save_artifact(self.out, self.prompt, meta)
         try:
             from softprompt.plots import plot_loss

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=2))
         return 0
     fp = meta["base_model"]
-    rows = [("kind", meta["kind"]), ("kind config", json.dumps(meta.get("kind_config", {}))), ("template", meta["template"]), ("virtual tokens", meta["n_virtual"]),
+    rows = [("kind", meta["kind"]), ("kind config", json.dumps(meta.get("kind_config", {}))), ("template", meta["template"]),
+            ("virtual tokens", meta["n_virtual"]),
             ("hidden size", meta["hidden_size"]), ("init", meta.get("init")),
             ("base model", f"{fp.get('id')} ({fp.get('model_type')}, vocab {fp.get('vocab_size')}, embedding sha256 {fp.get('embedding_sha256')})"),
             ("chat template", meta.get("format", {}).get("chat")), ("softprompt version", meta.get("softprompt_version")),

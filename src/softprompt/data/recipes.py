@@ -264,7 +264,8 @@ def recipe_from_dict(data, where: str) -> TaskRecipe:
     if not isinstance(chat, bool):
         raise recipe_error(where, "chat", f"must be true or false, got {chat!r}")
     return TaskRecipe(name=name, reader=reader_name, splits=splits, fields=tuple(fields),
-                      soft_template=data["soft_template"], hard_prompt=data["hard_prompt"], metric=metric, description=description.strip(), labels=labels,
+                      soft_template=data["soft_template"], hard_prompt=data["hard_prompt"], metric=metric, description=description.strip(),
+                      labels=labels,
                       soft_tokens=soft_tokens, few_shot_k=few_shot_k, chat=chat, split_seed=split_seed, path=where)
 
 

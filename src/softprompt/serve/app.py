@@ -31,8 +31,8 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
                  watch_interval: float | None = 1.0) -> Server:
     """A :class:`Server` for the prompt artifacts under ``prompts`` on ``model`` (tenants from the
     ``keys`` file; without one the API is open). The keys file is read before the model is loaded;
-    ``precision`` (auto | fp32 | bf16, see softprompt.precision) resolved to bf16 converts the weights once; with ``pack_weights`` the linear layers are
-    prepacked for oneDNN (CPU only)."""
+    ``precision`` (auto | fp32 | bf16, see softprompt.precision) resolved to bf16 converts the weights once; with ``pack_weights`` the linear
+    layers are prepacked for oneDNN (CPU only)."""
     import torch
 
     from softprompt.base_model import load_base
