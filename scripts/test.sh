@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run the test suite (fast tiny-model tests and the slow real-model ones). Extra args go to pytest,
-# e.g. scripts/test.sh -m "not slow".
+# Lint (ruff, 150-column limit) and run the test suite (fast tiny-model tests and the slow real-model
+# ones). Extra args go to pytest, e.g. scripts/test.sh -m "not slow".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check --quiet . || { echo "ruff found problems (above): fix them, or see pyproject [tool.ruff]" >&2; exit 1; }
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
