@@ -28,7 +28,7 @@ def test_compiled_training_matches_eager(tiny, tiny_dir, sentiment_files, tmp_pa
     losses, prompts = {}, {}
     for compile_ in (False, True):
         cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=3, batch_size=4, lr=0.1, init="random", seed=0,
-                          device="cpu", compile=compile_)
+                          device="cpu", compile=compile_, precision="fp32")
         t = Trainer(cfg, data, out=tmp_path / str(compile_), base=tiny, progress=False)
         assert (t.compiled is not None) == compile_
         losses[compile_] = [t.train_step()["loss"] for _ in range(cfg.steps)]
