@@ -89,12 +89,14 @@ def _best(meta: dict, points: list[dict]) -> dict | None:
     return min(evals, key=lambda p: p.get("dev_loss", float("inf")))
 
 
-def _task(meta: dict, path: Path) -> str:
+def _task(meta: dict, path: Path) -> str | None:
     if (path / "compression_report.json").exists():
         return "context compression"
     labels = meta.get("labels")
     data = meta.get("data") or {}
-    what = f"classification ({len(labels)} labels)" if labels else "generation" if data.get("train") else "-"
+    if not (labels or data.get("train")):
+        return None
+    what = f"classification ({len(labels)} labels)" if labels else "generation"
     if data.get("train"):
         what += f" on {Path(str(data['train'])).name}"
     return what
