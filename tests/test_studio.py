@@ -138,9 +138,13 @@ def browser():
         b.close()
 
 
+ERRORS: list[str] = []  # uncaught errors in any page the tests open
+
+
 def _page(browser, studio, key=None, hash_="#/prompts", query=""):
     page = browser.new_page(viewport={"width": 1360, "height": 860})
     page.set_default_timeout(30_000)
+    page.on("pageerror", lambda e: ERRORS.append(str(e)))
     page.goto(f"{studio.url}/studio/{query}{hash_}")
     if key:
         page.fill("#login-key", key)
@@ -163,6 +167,7 @@ def _shot(page, shots: Path, name: str) -> None:
 @pytest.mark.browser
 def test_no_key_shows_the_login_field_and_no_prompt_names(browser, studio, shots):
     page = browser.new_page()
+    page.on("pageerror", lambda e: ERRORS.append(str(e)))
     asked = []
     page.on("request", lambda r: asked.append(r.url))
     page.goto(f"{studio.url}/studio/")
@@ -262,3 +267,24 @@ def test_compare_puts_disagreements_first(browser, studio, shots, tmp_path):
                     for i in order]
     _shot(page, shots, "compare")
     page.close()
+
+
+@pytest.mark.browser
+def test_prompt_page_shows_compression_and_hardening_reports(browser, studio):
+    """The reports other commands write into a prompt directory (shapes as softprompt compress and
+    softprompt harden write them) appear on its page; and no page the tests opened threw."""
+    d = studio_dir_of(studio) / RANDOM
+    (d / "compression_report.json").write_text(json.dumps({"context_tokens": 120, "soft_tokens": 4, "compression_ratio": 30.0,
+                                                            "n_heldout": 3}))
+    (d / "compression_report.md").write_text("# Compression report\n\ncontext 120 tokens -> 4 soft tokens.\n\n"
+                                             "| variant | KL/token |\n|---|---|\n| soft prompt | 0.412 |\n")
+    (d / "harden").mkdir(exist_ok=True)
+    (d / "harden" / "harden.json").write_text(json.dumps({"objective": "kl", "steps": 5, "n_search": 4, "n_report": 4, "rows": [
+        {"name": "projection", "text": "foo bar", "kl": 0.5, "top1_agreement": 0.25, "value": 2.0, "metric": "loss"}]}))
+    page = _page(browser, studio, KEY_A, f"#/prompt/{RANDOM}")
+    page.wait_for_selector("#harden-table")
+    text = page.inner_text("main")
+    assert "compression report" in text.lower() and "30.0×" in text and "0.412" in text and "foo bar" in text
+    assert "context compression" in text
+    page.close()
+    assert not ERRORS, ERRORS
