@@ -219,12 +219,20 @@ def test_playground_streams_the_apis_greedy_outputs(browser, studio, shots):
     assert {m: out for m, out, _, _ in cols} == want
     for _, _, chunks, stats in cols:
         assert chunks > 1 and f"{n} tokens" in stats and "TTFT" in stats  # streamed, token by token
+    # A chat through every column: the same conversation the API gets, the template on the last turn.
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "a gorgeous, witty film"}]
+    want = {m: client.chat.completions.create(model=m, messages=chat, max_tokens=n, temperature=0).choices[0].message.content
+            for m in (TRAINED, RANDOM, "base")}
     page.check("#use-base")
     page.check("#use-hand")
-    page.fill("#pg-input", "a gorgeous, witty film")
+    page.select_option("#mode", "chat")
+    page.fill("#pg-input", "\n".join(f"{m['role']}: {m['content']}" for m in chat))
     page.click("#run")
     page.wait_for_function("[...document.querySelectorAll('.column')].length === 4 && "
                            "[...document.querySelectorAll('.column')].every(c => c.dataset.state === 'done')")
+    cols = dict(page.eval_on_selector_all(".column", "cs => cs.map(c => [c.dataset.model, c.querySelector('.out').textContent])"))
+    assert {m: cols[m] for m in want} == want and cols["hand-written"]
     _shot(page, shots, "playground")
     page.close()
 
@@ -237,6 +245,9 @@ def test_live_curve_gains_a_point_when_the_log_grows(browser, studio, shots):
     assert before == len((studio_dir_of(studio) / TRAINED / "metrics.jsonl").read_text().splitlines())
     page.wait_for_selector("#eval-table")
     page.wait_for_selector("#nearest-table")
+    page.select_option("#nearest-metric", "l2")
+    page.wait_for_selector("#nearest-table[data-metric=l2]")
+    page.select_option("#nearest-metric", "cosine")
     _shot(page, shots, "prompt")
     with open(studio_dir_of(studio) / TRAINED / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"type": "train", "step": 9, "loss": 0.1, "lr": 0.01}) + "\n")

@@ -105,11 +105,13 @@ function curves(points) {
   const train = points.filter((p) => p.type === "train" && p.loss !== undefined).map((p) => [p.step, p.loss]);
   const dev = points.filter((p) => p.type === "eval" && p.dev_loss !== undefined).map((p) => [p.step, p.dev_loss]);
   const acc = points.filter((p) => p.type === "eval" && p.dev_accuracy !== undefined).map((p) => [p.step, p.dev_accuracy]);
-  const loss = lineChart({ id: "loss-chart", ylabel: "loss", series: [
+  const steps = points.map((p) => p.step).filter((x) => typeof x === "number");
+  const xrange = steps.length ? [Math.min(...steps), Math.max(...steps)] : undefined;  // both charts share the steps axis
+  const loss = lineChart({ id: "loss-chart", ylabel: "loss", height: 230, xrange, series: [
     { name: "train loss", points: train, color: COLORS[0] },
     { name: "dev loss", points: dev, color: COLORS[1], markers: true, line: dev.length > 1 }] });
   return h("div", { class: "charts" }, loss,
-    acc.length ? lineChart({ id: "acc-chart", ylabel: "dev accuracy", height: 190, series: [{ name: "dev accuracy", points: acc, color: COLORS[2], markers: true }] }) : null);
+    acc.length ? lineChart({ id: "acc-chart", ylabel: "dev accuracy", height: 170, xrange, series: [{ name: "dev accuracy", points: acc, color: COLORS[2], markers: true }] }) : null);
 }
 
 function evalCard(ev, md) {
@@ -133,23 +135,41 @@ function compressionCard(rep, md) {
   return card("Compression report", head, md ? markdown(md.replace(/^# Compression report\s*/, "")) : null);
 }
 
-function nearestCard(nb) {
-  if (!nb) return null;
-  const k = nb.k;
-  const scores = nb.tokens.flatMap((t) => t.cosine.slice(0, k).map((c) => c.score));
-  const lo = Math.min(...scores), hi = Math.max(...scores);
+const METRIC_NAMES = { cosine: "cosine", dot: "dot product", l2: "L2 distance" };
+
+function nearestTable(nb, metric) {
+  const k = nb.k, near = (x) => (metric === "l2" ? -x : x);  // an L2 score is a distance: lower is nearer
+  const scores = nb.tokens.flatMap((t) => t[metric].slice(0, k).map((c) => near(c.score)));
+  const lo = Math.min(...scores), hi = Math.max(...scores), pad = (hi - lo) * 0.1 || 0.05;
   const rows = nb.tokens.map((t) => h("tr", {},
     h("th", {}, `v${t.index}`), h("td", { class: "num" }, `${fmt.num(t.norm, 3)} (${Math.round(t.norm_percentile)}%)`),
-    t.cosine.slice(0, k).map((c) => h("td", { class: "heat", style: { background: heat(c.score, lo - 0.05, hi), color: inkFor(c.score, lo - 0.05, hi) },
-                                              title: `cosine ${c.score.toFixed(3)}` }, h("code", {}, c.token || "∅"), h("small", {}, c.score.toFixed(2))))));
-  const v = nb.vocab_norms || {};
-  return card("Nearest vocabulary tokens (cosine)",
-    h("p", { class: "muted" }, `Colour: cosine from ${lo.toFixed(2)} (light) to ${hi.toFixed(2)} (dark). Vocabulary embedding norms: median ${fmt.num(v.median, 3)}, `
-      + `1st–99th percentile ${fmt.num(v.p1, 3)}–${fmt.num(v.p99, 3)}. `
-      + "A virtual token far outside that range has no meaningful nearest word."),
-    h("div", { class: "scroll" }, h("table", { class: "grid heatmap", id: "nearest-table" },
+    t[metric].slice(0, k).map((c) => h("td", { class: "heat", style: { background: heat(near(c.score), lo - pad, hi), color: inkFor(near(c.score), lo - pad, hi) },
+                                               title: `${METRIC_NAMES[metric]} ${c.score.toFixed(3)}` }, h("code", {}, c.token || "∅"), h("small", {}, c.score.toFixed(2))))));
+  return h("div", {},
+    h("p", { class: "muted" }, `Darker is nearer (${METRIC_NAMES[metric]} from ${(metric === "l2" ? -hi : lo).toFixed(2)} to ${(metric === "l2" ? -lo : hi).toFixed(2)}).`),
+    h("div", { class: "scroll" }, h("table", { class: "grid heatmap", id: "nearest-table", "data-metric": metric },
       h("thead", {}, h("tr", {}, h("th", {}, ""), h("th", {}, "Norm (pct)"), Array.from({ length: k }, (_, i) => h("th", {}, `#${i + 1}`)))),
       h("tbody", {}, rows))));
+}
+
+function nearestCard(nb) {
+  if (!nb) return null;
+  const metrics = Object.keys(METRIC_NAMES).filter((m) => nb.tokens.length && nb.tokens[0][m]);
+  const slot = h("div", {}, nearestTable(nb, metrics[0]));
+  const pick = h("select", { id: "nearest-metric", onchange: (e) => slot.replaceChildren(nearestTable(nb, e.target.value)) },
+    metrics.map((m) => h("option", { value: m }, METRIC_NAMES[m])));
+  const v = nb.vocab_norms || {};
+  return card("Nearest vocabulary tokens",
+    h("div", { class: "row" }, h("label", { class: "field" }, h("span", {}, "Metric"), pick),
+      h("p", { class: "muted grow" }, `Vocabulary embedding norms: median ${fmt.num(v.median, 3)}, 1st–99th percentile ${fmt.num(v.p1, 3)}–${fmt.num(v.p99, 3)}. `
+        + "A virtual token far outside that range has no meaningful nearest word; the metrics often disagree (dot product favours large norms).")),
+    slot);
+}
+
+function coverageCard(rows) {
+  if (!rows || !rows.length) return null;
+  return card("Coverage of the compressed context", h("p", { class: "muted" }, "Mean top-1 agreement with the full-context teacher, per part of the context."),
+    table(["Part", "Queries", "Mean agreement"], rows.map((r) => [r.part, fmt.int(r.queries), fmt.pct(r.mean_agreement)]), { id: "coverage-table" }));
 }
 
 function fidelityCard(fid) {
@@ -186,7 +206,7 @@ async function promptPage(name) {
         ["labels", meta.labels ? meta.labels.join(", ") : null], ["created", meta.created], ["modified", fmt.date(d.modified)]])),
       card(h("span", {}, "Training ", live), chartSlot)),
     evalCard(d.eval, d.eval_md), compressionCard(d.compression, d.compression_md),
-    nearestCard(d.nearest), fidelityCard((d.inspect || {}).fidelity), hardenCard(d.harden));
+    nearestCard(d.nearest), fidelityCard((d.inspect || {}).fidelity), coverageCard((d.inspect || {}).coverage), hardenCard(d.harden));
   // Poll the training log: the curve grows while softprompt train writes into the directory.
   let seen = d.metrics.length, stopped = false;
   const timer = setInterval(async () => {
@@ -207,11 +227,29 @@ function params(form) {
   return p;
 }
 
-// One column's request: {model, prompt} for completions or {model, messages} for chat.
+// A chat typed as lines "user: …", "assistant: …", "system: …" (text without a prefix is one user turn).
+export function conversation(text) {
+  const msgs = [];
+  for (const line of text.split("\n")) {
+    const m = line.match(/^(user|assistant|system):\s?(.*)$/i);
+    if (m) msgs.push({ role: m[1].toLowerCase(), content: m[2] });
+    else if (msgs.length) msgs[msgs.length - 1].content += `\n${line}`;
+    else msgs.push({ role: "user", content: line });
+  }
+  return msgs.map((m) => ({ ...m, content: m.content.trim() }));
+}
+
+const fill = (template, text) => (template.includes("{input}") ? template.replaceAll("{input}", text) : `${template}${text}`);
+
+// One column's request: {model, prompt} for completions, {model, messages} for chat (the template of a
+// hand-written prompt fills the last user turn, as a soft prompt's template does).
 function request(col, text, chat) {
-  const body = col.model === "hand-written" ? { model: "base", input: col.template.includes("{input}") ? col.template.replaceAll("{input}", text) : `${col.template}${text}` }
-                                            : { model: col.model, input: text };
-  return chat ? { model: body.model, messages: [{ role: "user", content: body.input }] } : { model: body.model, prompt: body.input };
+  const model = col.model === "hand-written" ? "base" : col.model;
+  if (!chat) return { model, prompt: col.model === "hand-written" ? fill(col.template, text) : text };
+  const messages = conversation(text);
+  const last = messages[messages.length - 1];
+  if (col.model === "hand-written" && last) last.content = fill(col.template, last.content);
+  return { model, messages };
 }
 
 async function runColumn(col, text, chat, p, el, signal) {
@@ -249,10 +287,10 @@ async function playground() {
   const useHand = h("input", { type: "checkbox", id: "use-hand", disabled: !hasBase });
   const hand = h("textarea", { id: "hand-template", rows: 2, disabled: !hasBase }, "Review: {input}\nSentiment:");
   const input = h("textarea", { id: "pg-input", rows: 3, placeholder: "The input every column gets" }, "a gorgeous, witty film");
-  const chat = h("select", { id: "mode" }, h("option", { value: "completion" }, "completion"), h("option", { value: "chat" }, "chat (one user turn)"));
+  const chat = h("select", { id: "mode" }, h("option", { value: "completion" }, "completion"), h("option", { value: "chat" }, "chat"));
   const field = (label, el) => h("label", { class: "field" }, h("span", {}, label), el);
   const form = h("form", { class: "card controls", id: "pg-form" },
-    h("div", { class: "row" }, field("Input", input)),
+    h("div", { class: "row" }, field("Input (chat mode: a conversation as lines “user: …”, “assistant: …”, ending with the user's turn)", input)),
     h("div", { class: "row picks" }, picks.map((s, i) => field(`Prompt ${i + 1}`, s))),
     h("div", { class: "row" },
       h("label", { class: "check", title: hasBase ? "" : "this key may not use the bare model" }, useBase, " base model"),

@@ -10,7 +10,7 @@ function ticks(lo, hi, n = 5) {
   return out;
 }
 
-export function lineChart({ series, xlabel = "step", ylabel = "", width = 640, height = 260, id }) {
+export function lineChart({ series, xlabel = "step", ylabel = "", width = 640, height = 260, id, xrange }) {
   const pts = series.flatMap((s) => s.points);
   const W = width, H = height, L = 56, R = 16, T = 14, B = 38;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", id, role: "img",
@@ -19,7 +19,7 @@ export function lineChart({ series, xlabel = "step", ylabel = "", width = 640, h
     root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, "no points yet"));
     return h("figure", { class: "chart-box" }, root);
   }
-  let [x0, x1] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
+  let [x0, x1] = xrange || [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
   let [y0, y1] = [Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1]))];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   const pad = (y1 - y0 || Math.abs(y1) || 1) * 0.08; y0 -= pad; y1 += pad;
