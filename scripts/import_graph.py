@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     ("operations", "objectives, scoring, generation, artifacts, PEFT interchange",
      ("objectives", "scoring", "generate", "artifact", "peft_io")),
     ("jobs", "training, evaluation, compression, interpretation", ("train", "evaluate", "compress", "interpret")),
-    ("serving", "registry, engine, HTTP API", ("serve",)),
+    ("serving", "registry, engine, HTTP API, web studio", ("serve",)),
     ("interface", "the command line", ("cli", "__main__")),
 ]
 

@@ -65,13 +65,13 @@ def _free_port() -> int:
 class LiveServer:
     """A uvicorn server in a thread on a free loopback port."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, studio: bool = False):
         import uvicorn
 
         self.server = server
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(server, studio=studio), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":

@@ -28,14 +28,15 @@ def test_cli_hash_key_and_bad_arguments(tmp_path):
 
 def test_cli_serves_with_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny_dir, prompts_dir):
     """`softprompt serve` end to end in its own process: the engine loop runs in the main thread and
-    uvicorn in a thread; a streamed completion equals generate alone; SIGTERM shuts down cleanly."""
+    uvicorn in a thread; --studio serves the studio; a streamed completion equals generate alone; SIGTERM
+    shuts down cleanly."""
     import signal
 
     import httpx
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(tiny_dir), "--prompts", str(prompts_dir),
-                             "--port", str(port), "--max-batch", "4", "--max-batch-tokens", "8", "--watch-interval", "0"],
+                             "--port", str(port), "--max-batch", "4", "--max-batch-tokens", "8", "--watch-interval", "0", "--studio"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -48,6 +49,7 @@ def test_cli_serves_with_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny
                 pass
             assert time.time() < deadline, "server did not start"
             time.sleep(0.2)
+        assert "softprompt studio" in httpx.get(f"http://127.0.0.1:{port}/studio/", timeout=10).text  # --studio
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         text = "".join(c.choices[0].text for c in client.completions.create(model="pt", prompt=TEXTS[3], max_tokens=6,
                                                                             temperature=0, stream=True) if c.choices)

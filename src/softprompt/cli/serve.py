@@ -1,4 +1,4 @@
-"""softprompt serve"""
+"""softprompt serve, and softprompt studio (the same server with the web studio on)"""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,18 @@ def register(sub) -> None:
                        description="Serve the prompt artifacts in a directory (one subdirectory each, named by its "
                                    "subdirectory) over an OpenAI-compatible HTTP API, with continuous batching and a "
                                    "KV-prefix cache. See docs/serving.md.")
+    _add_args(p)
+    p.add_argument("--studio", action="store_true", help="also serve the web studio at /studio (docs/studio.md)")
+    p.set_defaults(func=run)
+    s = sub.add_parser("studio", help="browse, compare and try prompts in the browser (softprompt serve --studio)",
+                       description="Start the server with the web studio at http://HOST:PORT/studio/: the prompts "
+                                   "table, each prompt's training curves and reports, a side-by-side playground and a "
+                                   "comparison of two prompts. Takes every option of softprompt serve. See docs/studio.md.")
+    _add_args(s)
+    s.set_defaults(func=run, studio=True)
+
+
+def _add_args(p) -> None:
     add_model_args(p)
     for action in p._actions:
         if action.dest == "precision" and action.choices:
@@ -40,7 +52,6 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 "
                    "is often faster on a machine shared with other busy processes)")
     p.add_argument("--watch-interval", type=float, default=1.0, help="seconds between directory scans (0: off)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,4 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if not server.auth.enabled:
         logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
                                                       args.host, args.port)
-    return serve_forever(server, args.host, args.port, log_level="info" if args.verbose else "warning")
+    if args.studio:
+        logging.getLogger("softprompt.serve").info("studio at http://%s:%d/studio/", args.host, args.port)
+    return serve_forever(server, args.host, args.port, log_level="info" if args.verbose else "warning", studio=args.studio)

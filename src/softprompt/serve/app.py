@@ -55,7 +55,8 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
                   watch_interval=watch_interval)
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, studio: bool = False) -> FastAPI:
+    """The ASGI app; with ``studio`` the web studio (softprompt.serve.studio) is served at ``/studio``."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         server.start()
@@ -94,10 +95,15 @@ def create_app(server: Server) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+    if studio:
+        from softprompt.serve.studio import mount
+
+        mount(app)
     return app
 
 
-def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
+def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+                  studio: bool = False) -> int:
     """Serve until SIGINT or SIGTERM: HTTP in a thread, the engine in this (main) thread, so the
     thread that loaded the model keeps torch's CPU workers to itself (see Engine.run)."""
     import signal
@@ -107,7 +113,7 @@ def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log
 
     from softprompt.errors import SoftPromptError
 
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(create_app(server, studio=studio), host=host, port=port, log_level=log_level)
     server.engine_thread = False
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, name="softprompt-http", daemon=True)
