@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.artifact import META, TENSORS, PromptArtifact, load_artifact
-from softprompt.atomic import atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from softprompt.atomic import atomic_replace_dir, atomic_write_bytes, atomic_write_json, recover_dir
 from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
@@ -104,6 +104,8 @@ class Registry:
     def scan(self) -> None:
         """Bring the registry in step with the directory."""
         seen = set()
+        for sub in list(self.dir.glob(".*.old")):  # a swap a crash interrupted: put the previous version back
+            recover_dir(sub.with_name(sub.name[1:-4]))
         for sub in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
             if not sub.is_dir() or sub.name.startswith("."):
                 continue
