@@ -110,9 +110,13 @@ def read_meta(path: str | Path) -> dict:
     for key in ("n_virtual", "hidden_size"):
         if type(meta[key]) is not int or meta[key] < 1:
             raise ArtifactError(f"{meta_path}: {key!r} must be a positive integer")
-    if not isinstance(meta["template"], str) or not isinstance(meta["base_model"], dict) \
-            or not isinstance(meta.get("kind_config", {}), dict):
-        raise ArtifactError(f"{meta_path}: 'template' must be a string, 'base_model' and 'kind_config' objects")
+    if not isinstance(meta["kind"], str) or not isinstance(meta["template"], str) or not isinstance(meta["base_model"], dict) \
+            or not isinstance(meta.get("kind_config", {}), dict) or not isinstance(meta.get("format", {}), dict):
+        raise ArtifactError(f"{meta_path}: 'kind' and 'template' must be strings, 'base_model', 'kind_config' and "
+                            "'format' objects")
+    fmt = meta.get("format", {})
+    if not isinstance(fmt.get("chat", True), bool) or not isinstance(fmt.get("system"), (str, type(None))):
+        raise ArtifactError(f"{meta_path}: 'format.chat' must be true or false and 'format.system' a string or null")
     return meta
 
 
