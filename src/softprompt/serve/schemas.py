@@ -100,6 +100,28 @@ class ChatBody(Body):
     top_logprobs: int | None = None  # 0..20, with logprobs
 
 
+def openapi_body(schema: type[Schema]) -> dict:
+    """``openapi_extra`` for a route that reads ``schema`` itself (under the size and depth limits): the
+    request body in the OpenAPI document, definitions inlined, unknown fields not allowed (they are
+    refused, except neutral values of the ``UNSUPPORTED`` ones)."""
+    doc = schema.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            out = {k: inline(v) for k, v in node.items()}
+            if out.get("type") == "object" and "properties" in out:
+                out["additionalProperties"] = False
+            return out
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(doc)}}}}
+
+
 # -- reading and parsing ---------------------------------------------------------------------------
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 

@@ -17,7 +17,7 @@ from softprompt.serve.engine import QueueFull
 from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, LoadedPrompt
 from softprompt.serve.routes.deps import ServerDep, TenantDep
-from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, parse, read_json, sampling_params
+from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, openapi_body, parse, read_json, sampling_params
 from softprompt.serve.server import Server
 from softprompt.serve.streaming import TokenLog, event_stream, usage
 
@@ -128,7 +128,7 @@ async def model(name: str, server: ServerDep, tenant: TenantDep):
     return _model_card(name, server)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=openapi_body(CompletionBody))
 async def completions(request: Request, server: ServerDep, tenant: TenantDep):
     limits = server.limits
     body: CompletionBody = parse(CompletionBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
@@ -152,7 +152,7 @@ async def completions(request: Request, server: ServerDep, tenant: TenantDep):
     return await respond(server, request, tenant, body, lp, ids, params, chat=False, logprobs=body.logprobs)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=openapi_body(ChatBody))
 async def chat_completions(request: Request, server: ServerDep, tenant: TenantDep):
     limits = server.limits
     body: ChatBody = parse(ChatBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
