@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from serve_helpers import KEY_A
+from strict import need_module
 
-schemathesis = pytest.importorskip("schemathesis")  # the test extra installs it; strict CI fails without it
+schemathesis = need_module("schemathesis")  # the test extra installs it; strict CI fails without it
 
 from softprompt.serve.app import create_app  # noqa: E402
 from softprompt.serve.auth import Auth  # noqa: E402
