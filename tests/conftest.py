@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from strict import need, need_module, pytest_runtest_makereport  # noqa: F401 - the hook is conftest's
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

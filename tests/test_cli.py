@@ -72,10 +72,9 @@ def test_other_bad_inputs(tiny_dir, sentiment_files, tmp_path, capsys):
 
 
 def test_train_from_task_recipe(tiny_dir, tmp_path, capsys):
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, need
 
-    if not (SHARED_DATA / "sst2-sentences").exists():
-        pytest.skip(f"public datasets not found at {SHARED_DATA}")
+    need((SHARED_DATA / "sst2-sentences").exists(), f"public datasets not found at {SHARED_DATA}")
     out = tmp_path / "sst2"
     rc = main(["train", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--model", str(tiny_dir), "--limit", "16",
                "--tokens", "3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--quiet", "--device", "cpu"])

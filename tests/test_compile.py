@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strict import need
 
 from softprompt.data.readers import read_examples
 from softprompt.train import TrainConfig, Trainer
@@ -22,8 +23,8 @@ def _inductor_missing() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_inductor_missing() is not None, reason=str(_inductor_missing()))
 def test_compiled_training_matches_eager(tiny, tiny_dir, sentiment_files, tmp_path):
+    need(_inductor_missing() is None, str(_inductor_missing()))
     data = read_examples(sentiment_files[0])
     losses, prompts = {}, {}
     for compile_ in (False, True):

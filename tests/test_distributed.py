@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from strict import need
 
 from softprompt.artifact import load_artifact
 from softprompt.distributed import Dist
@@ -34,8 +35,7 @@ def test_shard_covers_batch_once():
 
 def _accelerate() -> str:
     exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    if exe is None:
-        pytest.skip("the accelerate launcher is not installed")
+    need(exe is not None, "the accelerate launcher is not installed")
     return exe
 
 

@@ -57,11 +57,9 @@ def test_evaluate_and_report(tiny, tiny_dir, sentiment_files, tmp_path, capsys):
 
 
 def test_eval_task_recipe(tiny_dir, tmp_path, capsys):
-    import pytest
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, need
 
-    if not (SHARED_DATA / "trec").exists():
-        pytest.skip(f"public datasets not found at {SHARED_DATA}")
+    need((SHARED_DATA / "trec").exists(), f"public datasets not found at {SHARED_DATA}")
     rc = main(["eval", "--task", "trec", "--data-dir", str(SHARED_DATA), "--model", str(tiny_dir), "--limit", "6",
                "--few-shot", "1", "--out", str(tmp_path / "rep")])
     assert rc == 0, capsys.readouterr().err

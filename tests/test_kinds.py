@@ -29,9 +29,9 @@ KINDS = [
 IDS = ["prompt-tuning", "prefix", "prefix-reparam", "p-tuning-lstm", "p-tuning-mlp", "hybrid", "hybrid-shared"]
 
 
-def _train(tiny, tmp_path, kind, opts, template, steps=25, name="p"):
+def _train(tiny, tmp_path, kind, opts, template, steps=25, name="p", save_every=0):
     cfg = TrainConfig(model=tiny.name, kind=kind, tokens=4, template=template, steps=steps, lr=0.05,
-                      kind_options=opts, init="vocab", batch_size=4, chat=False)
+                      kind_options=opts, init="vocab", batch_size=4, chat=False, save_every=save_every)
     return Trainer(cfg, DATA, DATA[:4], tmp_path / name, base=tiny, progress=False)
 
 
@@ -74,9 +74,11 @@ def test_inference_uses_materialized_tensors_and_resume_keeps_encoder(tiny, tmp_
     torch.testing.assert_close(recomputed.detach(), tensors[key], rtol=0, atol=1e-6)
     # the encoder is in the checkpoint: a longer run resumes from it and finishes like a straight run
     straight = _train(tiny, tmp_path, kind, opts, None, steps=10, name="straight").run()
-    tr2 = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed")
+    tr2 = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed", save_every=4)
     assert tr2.run(stop_at=5) is None
-    resumed = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed").run(resume=True)
+    assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
+    resumed = _train(tiny, tmp_path, kind, opts, None, steps=10, name="resumed", save_every=4).run(resume=True)
+    assert resumed.metrics["resumed_from"] == [4]  # it did resume, from the step-4 checkpoint
     a, b = load_artifact(straight.out).tensors, load_artifact(resumed.out).tensors
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from strict import need_module
 
 from softprompt.artifact import load_artifact
 from softprompt.data.examples import Example
@@ -17,7 +18,7 @@ from softprompt.prompts import PrefixTuning, PromptTuning
 from softprompt.prompts.prefix import cache_layout
 from softprompt.prompts.soft_prompt import marker
 
-peft = pytest.importorskip("peft")
+peft = need_module("peft")
 
 TEXTS = ["the movie was a delight", "bad", "an average film with a few good scenes"]
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from serve_helpers import A_PROMPTS, TEXTS, base_reference, reference
+from strict import need
 
 from softprompt.generate import SamplingParams
 from softprompt.serve.engine import Engine, QueueFull, Request
@@ -117,8 +118,7 @@ def test_prepacked_linear_weights_serve_the_same_outputs(base, prompts_dir):
 
     from softprompt.serve.packed import PackedLinear, pack_linears, packing_available
 
-    if not packing_available(torch.device("cpu")):
-        pytest.skip("this torch build cannot prepack linear weights (no oneDNN)")
+    need(packing_available(torch.device("cpu")), "this torch build cannot prepack linear weights (no oneDNN)")
     packed = dataclasses.replace(base, model=copy.deepcopy(base.model))
     n_linear = sum(type(m) is torch.nn.Linear for m in base.model.modules())
     assert pack_linears(packed.model) == n_linear > 0

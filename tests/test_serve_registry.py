@@ -7,18 +7,20 @@ import base64
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from serve_helpers import KEY_A, KEY_ADMIN, _err, _save, _wait
 
 from softprompt.artifact import TENSORS
 from softprompt.base_model import load_base
 from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate
-from softprompt.prompts import PromptTuning
+from softprompt.prompts import PromptTuning, PTuning
 from softprompt.serve.registry import Registry
 from softprompt.template import parse_template
 
@@ -105,3 +107,65 @@ def test_registry_memory_budget_evicts_lru_and_reloads(base, prompts_dir):
     a, b = registry.get("pt"), registry.get("hybrid")
     assert a is not None and b is not None and registry.entries["pt"].loaded is None
     assert registry.get("pt").hash == a.hash
+
+
+def test_hostile_artifacts_are_refused_with_the_reason(live, base, prompts_dir, tmp_path, caplog):
+    """Beside good prompts: NaN and infinite vectors, tensors with fewer rows than prompt.json
+    declares (for prompt tuning, where a single row would broadcast, and P-tuning), a link out of the
+    prompts directory (the whole directory, or only its tensor file), a header claiming 2 GB, a
+    truncated tensor file: each is refused at load with its reason (logged and listed by
+    /admin/prompts), never listed for a key, never served; the good prompts keep serving."""
+    caplog.set_level(logging.ERROR, logger="softprompt")
+    made = []
+
+    def prompt_dir(name: str, prompt, template: str = "[soft:4] {input}") -> Path:
+        made.append(name)
+        return _save(base, prompts_dir / name, prompt, template)
+
+    nan = torch.randn(4, 32)
+    nan[2, 5] = float("nan")
+    prompt_dir("h-nan", PromptTuning(4, 32, init=nan))
+    inf = torch.randn(4, 32)
+    inf[0, 0] = float("inf")
+    prompt_dir("h-inf", PromptTuning(4, 32, init=inf))
+    short = prompt_dir("h-short", PromptTuning(4, 32, init=torch.randn(4, 32)))
+    save_file({"prompt_embeddings": torch.randn(1, 32)}, str(short / TENSORS))  # broadcasts into 4 rows on copy
+    pt = PTuning.create(6, base, torch.randn(6, 32), {"encoder": "mlp"})
+    pt.eval()
+    ptune = prompt_dir("h-ptune-short", pt, "[soft:6] {input}")
+    stored = load_file(str(ptune / TENSORS))
+    save_file({**stored, "prompt_embeddings": stored["prompt_embeddings"][:3].contiguous()}, str(ptune / TENSORS))
+    outside = _save(base, tmp_path / "outside", PromptTuning(4, 32, init=torch.randn(4, 32)), "[soft:4] {input}")
+    (prompts_dir / "h-link").symlink_to(outside, target_is_directory=True)
+    made.append("h-link")
+    half = prompt_dir("h-file-link", PromptTuning(4, 32, init=torch.randn(4, 32)))
+    (half / TENSORS).unlink()
+    (half / TENSORS).symlink_to(outside / TENSORS)
+    huge = prompt_dir("h-huge-header", PromptTuning(4, 32, init=torch.randn(4, 32)))
+    (huge / TENSORS).write_bytes((2 << 30).to_bytes(8, "little") + b"{" + b" " * 100)
+    cut = prompt_dir("h-truncated", PromptTuning(4, 32, init=torch.randn(4, 32)))
+    (cut / TENSORS).write_bytes((cut / TENSORS).read_bytes()[:-20])
+    want = {"h-nan": "NaN or infinite", "h-inf": "NaN or infinite", "h-short": "shape (1, 32)",
+            "h-ptune-short": "shape (3, 32)", "h-link": "symbolic link out of the prompts directory",
+            "h-file-link": "symbolic link out of the prompts directory", "h-huge-header": "header claims 2147483648 bytes",
+            "h-truncated": "corrupt tensor file"}
+    try:
+        _wait(lambda: set(want) <= {e["name"] for e in live.server.registry.status()})
+        listed = {e["name"]: e for e in httpx.get(live.url + "/admin/prompts",
+                                                   headers={"Authorization": f"Bearer {KEY_ADMIN}"}).json()["prompts"]}
+        for name, reason in want.items():
+            assert reason in (listed[name]["error"] or ""), (name, listed[name])
+            assert not listed[name]["loaded"] and listed[name]["hash"] is None
+            assert f"{name!r} refused" in caplog.text
+        assert not set(want) & set(live.server.registry.names())
+        admin = live.client(KEY_ADMIN)
+        assert not set(want) & {m.id for m in admin.models.list().data}
+        for name in want:
+            with pytest.raises(openai.NotFoundError):
+                admin.completions.create(model=name, prompt="x", max_tokens=2)
+        r = admin.completions.create(model="pt", prompt="x", max_tokens=2, temperature=0)  # the others keep serving
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        for name in made:
+            p = prompts_dir / name
+            p.unlink() if p.is_symlink() else shutil.rmtree(p)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from strict import need
 
 from softprompt.data.datasets import READERS, clean_agnews
 from softprompt.data.recipes import TaskRecipe, list_recipes, load_recipe, recipe_from_dict, template_fields
@@ -376,9 +377,9 @@ def test_read_squad(tmp_path):
 # ------------------------------------------------------------------ the real datasets, when present
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"public datasets not found at {SHARED_DATA} (../shared/data from the repo root)")
 @pytest.mark.parametrize("name", list_recipes())
 def test_real_dev_split_loads(name):
+    need(SHARED_DATA.is_dir(), f"public datasets not found at {SHARED_DATA} (../shared/data from the repo root)")
     r = load_recipe(name)
     exs = load_split(r, SHARED_DATA, "dev", limit=8, seed=0)
     assert 0 < len(exs) <= 8

@@ -1,6 +1,7 @@
 """The foundation: the loss falls, the base stays frozen, artifacts round-trip, resume is exact."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,24 +100,54 @@ def test_padded_batch_equals_single_rows(tiny, tiny_dir, sentiment_files, tmp_pa
             assert row.tolist() == enc[i].ids
 
 
+def _lines(path) -> list[str]:
+    return (path / "metrics.jsonl").read_text().splitlines()
+
+
 def test_resume_is_exact(tiny, tiny_dir, sentiment_files, tmp_path):
+    """A run cut after step 8 resumes from its step-6 checkpoint: the log lines up to step 6 survive
+    byte for byte, a resume record names step 6 (and prompt.json's metrics too), and the run ends with
+    the uninterrupted run's prompt, best evaluation and log."""
     data = read_examples(sentiment_files[0])
     dev = data[:4]
     cfg = lambda: cfg_for(tiny_dir, steps=12, save_every=4, eval_every=3, grad_accum=2)  # noqa: E731
     full = train(cfg(), data, dev, tmp_path / "full", base=tiny, progress=False)
-    assert Trainer(cfg(), data, dev, tmp_path / "cut", base=tiny, progress=False).run(stop_at=6) is None
+    assert Trainer(cfg(), data, dev, tmp_path / "cut", base=tiny, progress=False).run(stop_at=7) is None
+    before = _lines(tmp_path / "cut")
+    ck_step = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"]
+    assert ck_step == 6 and any(json.loads(ln).get("step") == 7 for ln in before)  # a line past the checkpoint
     resumed = train(cfg(), data, dev, tmp_path / "cut", resume=True, base=tiny, progress=False)
     a = load_artifact(full.out).prompt.export_tensors()
     b = load_artifact(resumed.out).prompt.export_tensors()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.best == resumed.best
-    log = lambda p: [ln for ln in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    strip = lambda lines: [{k: v for k, v in eval_json(x).items() if k != "time_s"} for x in lines]  # noqa: E731
-    assert strip(log(full.out)) == strip(log(resumed.out))
+    after = _lines(resumed.out)
+    kept = [ln for ln in before if json.loads(ln)["step"] <= ck_step]
+    assert after[:len(kept)] == kept  # the pre-kill lines, unchanged
+    assert json.loads(after[len(kept)]) == {"type": "resume", "step": ck_step}
+    assert resumed.metrics["resumed_from"] == [ck_step]
+    assert load_artifact(resumed.out).meta["metrics"]["resumed_from"] == [ck_step]
+    assert "resumed_from" not in load_artifact(full.out).meta["metrics"]
+    strip = lambda lines: [{k: v for k, v in eval_json(x).items() if k != "time_s"} for x in lines  # noqa: E731
+                           if eval_json(x).get("type") != "resume"]
+    assert strip(_lines(full.out)) == strip(after)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny, tiny_dir, sentiment_files, tmp_path):
+    data = read_examples(sentiment_files[0])
+    with pytest.raises(SoftPromptError, match="no checkpoint"):
+        Trainer(cfg_for(tiny_dir, steps=2), data, None, tmp_path / "none", base=tiny, progress=False).run(resume=True)
+    assert not (tmp_path / "none" / "prompt.json").exists()
+    res = subprocess.run([sys.executable, "-m", "softprompt.cli", "train", "--model", str(tiny_dir), "--data",
+                          str(sentiment_files[0]), "--steps", "2", "--out", str(tmp_path / "none"), "--resume"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no checkpoint" in res.stderr, res.stderr
+    assert not (tmp_path / "none" / "prompt.json").exists()
 
 
 def test_resume_after_sigkill_cli(tiny_dir, sentiment_files, tmp_path):
-    """A CLI run killed with SIGKILL mid-training, then resumed, ends with the uninterrupted prompt."""
+    """A CLI run killed with SIGKILL mid-training, then resumed, ends with the uninterrupted prompt;
+    the log lines up to the checkpoint survive unchanged and the resumed step is recorded."""
     train_f, _ = sentiment_files
     args = [sys.executable, "-m", "softprompt.cli", "train", "--model", str(tiny_dir), "--data", str(train_f),
             "--tokens", "4", "--steps", "300", "--batch-size", "4", "--lr", "0.1", "--init", "random",
@@ -134,11 +165,17 @@ def test_resume_after_sigkill_cli(tiny_dir, sentiment_files, tmp_path):
     proc.wait()
     assert not (tmp_path / "cut" / "prompt.json").exists(), "the run finished before it was killed"
     assert (tmp_path / "cut" / "checkpoint" / "state.json").exists()
+    ck_step = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"]
+    kept = [ln for ln in metrics.read_text().splitlines() if ln.endswith("}") and json.loads(ln)["step"] <= ck_step]
+    assert ck_step >= 5 and len(kept) == ck_step
     res = subprocess.run(args + ["--out", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     a = load_artifact(tmp_path / "ref").prompt.export_tensors()
     b = load_artifact(tmp_path / "cut").prompt.export_tensors()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    after = metrics.read_text().splitlines()
+    assert after[:len(kept)] == kept and json.loads(after[len(kept)]) == {"type": "resume", "step": ck_step}
+    assert load_artifact(tmp_path / "cut").meta["metrics"]["resumed_from"] == [ck_step]
 
 
 def test_bad_inputs_name_file_and_line(tmp_path, tiny, tiny_dir):

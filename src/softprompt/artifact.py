@@ -25,6 +25,9 @@ from softprompt.template import Template, parse_template
 FORMAT_VERSION = 1
 TENSORS = "prompt.safetensors"
 META = "prompt.json"
+MAX_TENSOR_BYTES = 512 << 20  # a prompt is kilobytes to megabytes; anything larger is refused unread
+MAX_HEADER_BYTES = 1 << 20  # safetensors' JSON header of a prompt's few tensors is a few hundred bytes
+MAX_META_BYTES = 16 << 20
 
 
 @dataclass
@@ -91,16 +94,66 @@ def read_meta(path: str | Path) -> dict:
     meta_path = path / META
     if not meta_path.exists():
         raise ArtifactError(f"{path}: not a prompt artifact (no {META})")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise ArtifactError(f"{meta_path}: {meta_path.stat().st_size} bytes, over the limit of {MAX_META_BYTES}")
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{meta_path}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path}: corrupt metadata (not a JSON object)")
     for key in ("kind", "n_virtual", "hidden_size", "template", "base_model"):
         if key not in meta:
             raise ArtifactError(f"{meta_path}: missing field {key!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{meta_path}: format version {meta['format_version']} is newer than this softprompt supports")
+    for key in ("n_virtual", "hidden_size"):
+        if type(meta[key]) is not int or meta[key] < 1:
+            raise ArtifactError(f"{meta_path}: {key!r} must be a positive integer")
+    if not isinstance(meta["kind"], str) or not isinstance(meta["template"], str) or not isinstance(meta["base_model"], dict) \
+            or not isinstance(meta.get("kind_config", {}), dict) or not isinstance(meta.get("format", {}), dict):
+        raise ArtifactError(f"{meta_path}: 'kind' and 'template' must be strings, 'base_model', 'kind_config' and "
+                            "'format' objects")
+    fmt = meta.get("format", {})
+    if not isinstance(fmt.get("chat", True), bool) or not isinstance(fmt.get("system"), (str, type(None))):
+        raise ArtifactError(f"{meta_path}: 'format.chat' must be true or false and 'format.system' a string or null")
     return meta
+
+
+def check_tensor_file(path: Path) -> None:
+    """Refuse a tensor file before reading it: over :data:`MAX_TENSOR_BYTES`, or a safetensors header
+    whose claimed length is over :data:`MAX_HEADER_BYTES` or past the end of the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path.parent}: missing {TENSORS}") from None
+    if size > MAX_TENSOR_BYTES:
+        raise ArtifactError(f"{path}: {size} bytes, over the limit of {MAX_TENSOR_BYTES} for a prompt")
+    if len(head) < 8:
+        raise ArtifactError(f"{path}: corrupt tensor file (truncated: {size} bytes)")
+    claimed = int.from_bytes(head, "little")
+    if claimed > MAX_HEADER_BYTES or claimed > size - 8:
+        raise ArtifactError(f"{path}: corrupt tensor file (its header claims {claimed} bytes; the file has {size})")
+
+
+def check_tensors(path: Path, prompt: SoftPrompt, expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
+                  meta: dict) -> None:
+    """The stored tensors agree with prompt.json (every tensor a prompt of its kind and dimensions
+    has, with that shape) and hold only finite values."""
+    if prompt.n_virtual != meta["n_virtual"] or prompt.hidden_size != meta["hidden_size"]:
+        raise ArtifactError(f"{path}: prompt.json says {meta['n_virtual']} virtual tokens of size {meta['hidden_size']}, "
+                            f"its kind_config builds {prompt.n_virtual} of size {prompt.hidden_size}")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise ArtifactError(f"{path}: tensors do not match prompt.json (no tensor {key!r})")
+        if tuple(tensors[key].shape) != shape:
+            raise ArtifactError(f"{path}: tensors do not match prompt.json ({key!r} has shape "
+                                f"{tuple(tensors[key].shape)}, prompt.json implies {shape})")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{path}: tensor {key!r} holds NaN or infinite values")
 
 
 def load_artifact(path: str | Path, base: BaseModel | None = None, device: str | torch.device | None = None) -> PromptArtifact:
@@ -109,6 +162,7 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
     meta = read_meta(path)
     if base is not None:
         check_fingerprint(meta["base_model"], base.fingerprint, what=f"prompt {path}")
+    check_tensor_file(path / TENSORS)
     try:
         tensors = load_file(str(path / TENSORS))
     except FileNotFoundError:
@@ -118,6 +172,9 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
     cls = kind_class(meta["kind"])
     try:
         prompt = cls(hidden_size=meta["hidden_size"], **meta.get("kind_config", {}))
+        with torch.no_grad():
+            expected = {k: tuple(v.shape) for k, v in prompt.export_tensors().items()}
+        check_tensors(path, prompt, expected, tensors, meta)
         prompt.load_tensors(tensors)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ArtifactError(f"{path}: tensors do not match prompt.json ({e})") from None

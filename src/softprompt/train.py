@@ -21,7 +21,7 @@ import torch
 
 from softprompt import __version__
 from softprompt.artifact import build_meta, save_artifact
-from softprompt.atomic import atomic_replace_dir, atomic_save_tensors, atomic_write_json
+from softprompt.atomic import atomic_replace_dir, atomic_save_tensors, atomic_write_json, recover_dir
 from softprompt.base_model import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.data.examples import Example
@@ -244,7 +244,7 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         from safetensors.torch import load_file
 
-        ck = self.out / CHECKPOINT
+        ck = recover_dir(self.out / CHECKPOINT)
         if not (ck / "state.json").exists():
             return False
         state = json.loads((ck / "state.json").read_text())
@@ -271,12 +271,15 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
-        resumed = resume and self.load_checkpoint()
+        if resume:
+            require_checkpoint(self.out)
+            self.load_checkpoint()
         if not main:  # other ranks train in step with rank 0 but write nothing
             log_path = Path(os.devnull)
-        elif resumed:  # drop log lines written after the checkpoint
+        elif resume:  # drop log lines written after the checkpoint, and say where the run resumed
             lines = log_path.read_text().splitlines() if log_path.exists() else []
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            keep.append(json.dumps({"type": "resume", "step": self.step}))
             log_path.write_text("".join(ln + "\n" for ln in keep))
         else:
             log_path.write_text("")
@@ -303,7 +306,8 @@ class Trainer:
         if not main:
             self.dist.barrier()  # until rank 0 has saved everything
             return TrainResult(self.out, self.step, last["loss"], None, {"steps": self.step, "rank": self.dist.rank}, stopped)
-        if self.dev_set and (not self.history or self.history[-1].get("type") != "eval"):
+        records = [h for h in self.history if h.get("type") != "resume"]
+        if self.dev_set and (not records or records[-1].get("type") != "eval"):
             with open(log_path, "a") as log:
                 self._eval_and_keep(log, None)
         self.save_checkpoint()
@@ -336,6 +340,9 @@ class Trainer:
                    "first_train_loss": train_losses[0] if train_losses else None, "stopped_early": stopped}
         if self.best:
             metrics["best"] = self.best
+        resumed = [h["step"] for h in self.history if h.get("type") == "resume"]
+        if resumed:
+            metrics["resumed_from"] = resumed  # the checkpoint steps this run was resumed at
         if self.dist.active:
             metrics["world_size"] = self.dist.world
         meta = build_meta(self.prompt, self.template_source, self.base, init=self.cfg.init,
@@ -356,6 +363,15 @@ class Trainer:
     @property
     def template_source(self) -> str:
         return self.cfg.template_source()
+
+
+def require_checkpoint(out: str | Path) -> Path:
+    """The checkpoint directory under ``out`` (a swap a crash interrupted is finished first);
+    SoftPromptError when there is none to resume from."""
+    ck = recover_dir(Path(out) / CHECKPOINT)
+    if not (ck / "state.json").is_file():
+        raise SoftPromptError(f"--resume: {Path(out)} holds no checkpoint ({CHECKPOINT}/state.json) to resume from")
+    return ck
 
 
 def train(cfg: TrainConfig, train: list[Example], dev: list[Example] | None = None, out: str | Path = "prompt",

@@ -40,6 +40,12 @@ def _add_args(p) -> None:
                    help="new tokens in one forward: decoding rows plus prompt chunks (default: 512); a longer "
                         "prompt is prefilled in chunks while the other rows keep decoding")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--tenant-max-queued", type=int, default=None,
+                   help="rows one key may have waiting before its requests get 429 (default: no cap besides "
+                        "--max-queue; keys.yaml's max_queued overrides it per key)")
+    p.add_argument("--tenant-max-running", type=int, default=None,
+                   help="rows of one key in the running batch at once (default: no cap besides --max-batch; "
+                        "keys.yaml's max_running overrides it per key)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (default: 512)")
     p.add_argument("--max-input-tokens", type=int, default=2048, help="cap on a prompt's length in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on a request body (default: 1 MiB)")
@@ -69,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_batch_tokens", "max_queue", "max_tokens", "max_input_tokens", "max_body_bytes", "port"):
         if getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("tenant_max_queued", "tenant_max_running"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
     import torch
     import uvicorn  # noqa: F401 - without the serve extra, fail before the model is loaded
 
@@ -84,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     server = build_server(args.model, args.prompts, device=args.device, keys=args.keys, precision=args.precision,
                           pack_weights=not args.no_pack_weights,
                           prompt_memory_bytes=int(args.prompt_memory_mb * 2**20),
-                          limits=Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes),
+                          limits=Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes,
+                                        tenant_max_queued=args.tenant_max_queued,
+                                        tenant_max_running=args.tenant_max_running),
                           max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                           prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
                           watch_interval=args.watch_interval or None)

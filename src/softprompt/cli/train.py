@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.resume and not args.overwrite and ((out / "prompt.json").exists() or (out / "checkpoint").exists()):
         raise SoftPromptError(f"{out} already holds a prompt or checkpoint: pass --resume to continue it or --overwrite to replace it")
+    if args.resume:
+        from softprompt.train import require_checkpoint
+
+        require_checkpoint(out)  # before the model is loaded
     template = args.template
     parsed = parse_template(template) if template else None
     tokens = args.tokens if args.tokens is not None else 8

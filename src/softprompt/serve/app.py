@@ -55,6 +55,14 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
                   watch_interval=watch_interval)
 
 
+def route_template(request: Request) -> str:
+    """The route a request matched, as its template (``/v1/models/{name}``, never the raw path, so
+    the metrics stay bounded); ``other`` for a path no route matches."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "other"
+
+
 def create_app(server: Server, studio: bool = False) -> FastAPI:
     """The ASGI app; with ``studio`` the web studio (softprompt.serve.studio) is served at ``/studio``."""
     @asynccontextmanager
@@ -89,8 +97,7 @@ def create_app(server: Server, studio: bool = False) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        server.metrics.request(request.url.path if request.url.path.startswith(("/v1/", "/health", "/metrics")) else "other",
-                               response.status_code)
+        server.metrics.request(route_template(request), response.status_code)
         return response
 
     for router in ROUTERS:

@@ -9,7 +9,9 @@
       - name: ops
         sha256: ...
         prompts: "*"
-        admin: true                # may add, replace and remove prompts
+        admin: true                # may add, replace and remove prompts (only those of its list, if not "*")
+        max_queued: 8              # optional: rows this key may have waiting (a request of n choices is n rows)
+        max_running: 4             # optional: rows of this key in the running batch at once
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class Tenant:
     name: str
     prompts: frozenset[str] | None  # None: every prompt
     admin: bool = False
+    max_queued: int | None = None  # None: the server's default (--tenant-max-queued)
+    max_running: int | None = None  # None: the server's default (--tenant-max-running)
 
     def may_use(self, prompt: str) -> bool:
         return self.prompts is None or prompt in self.prompts
@@ -82,7 +86,19 @@ class Auth:
                 raise SoftPromptError(f"{where}: 'prompts' must be a list of prompt names or \"*\"")
             if digest in tenants:
                 raise SoftPromptError(f"{where}: the same key hash appears twice")
-            tenants[digest] = Tenant(str(e.get("name", f"tenant{i + 1}")), allowed, bool(e.get("admin", False)))
+            caps = {}
+            for cap in ("max_queued", "max_running"):
+                v = e.get(cap)
+                if v is not None and (type(v) is not int or v < 1):
+                    raise SoftPromptError(f"{where}: '{cap}' must be a positive integer")
+                caps[cap] = v
+            admin = e.get("admin", False)
+            if not isinstance(admin, bool):
+                raise SoftPromptError(f"{where}: 'admin' must be true or false")
+            unknown = sorted(set(e) - {"name", "sha256", "prompts", "admin", "max_queued", "max_running"})
+            if unknown:
+                raise SoftPromptError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+            tenants[digest] = Tenant(str(e.get("name", f"tenant{i + 1}")), allowed, admin, **caps)
         return cls(tenants)
 
     def tenant(self, authorization: str | None) -> Tenant | None:

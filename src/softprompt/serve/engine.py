@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +37,14 @@ EMPTY = PrefixKV([], [], [], 0, 0)
 class QueueFull(Exception):
     """The waiting queue is at its limit."""
 
+    code = "queue_full"
+
+
+class TenantQueueFull(QueueFull):
+    """The tenant's own share of the waiting queue is at its limit."""
+
+    code = "tenant_queue_full"
+
 
 @dataclass
 class Request:
@@ -52,6 +60,10 @@ class Request:
     emit: Callable[[tuple], None]
     created: float = field(default_factory=time.monotonic)
     logprobs: int | None = None  # also emit ("token", id, logprob, [(id, logprob)] * this many) per token
+    tenant: str = ""  # rows of one tenant share its caps below
+    max_queued: int | None = None  # the tenant's cap on waiting rows (None: only the engine's max_queue)
+    max_running: int | None = None  # the tenant's cap on running rows (None: only the engine's max_batch)
+    error: str | None = None  # set when the engine answered this request with an error
 
     @property
     def soft_prompt(self) -> SoftPrompt:
@@ -117,10 +129,17 @@ class Engine:
         self.submit_all([req])
 
     def submit_all(self, reqs: list[Request]) -> None:
-        """Queue all of ``reqs`` or none of them (:class:`QueueFull`)."""
+        """Queue all of ``reqs`` or none of them: :class:`QueueFull` when the queue would hold more
+        than ``max_queue`` rows, :class:`TenantQueueFull` when their tenant would have more than its
+        ``max_queued`` rows waiting."""
         with self._cond:
             if len(self._waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            for tenant, cap in {(r.tenant, r.max_queued) for r in reqs if r.max_queued is not None}:
+                mine = sum(1 for w in self._waiting if w.tenant == tenant) + sum(1 for r in reqs if r.tenant == tenant)
+                if mine > cap:
+                    raise TenantQueueFull(f"this key may have at most {cap} rows waiting (a request of n choices is "
+                                          f"n rows); retry later")
             self._waiting.extend(reqs)
             self.metrics.queue_length = len(self._waiting)
             self._cond.notify()
@@ -172,8 +191,7 @@ class Engine:
                 cancelled, self._cancelled = self._cancelled, set()
                 if cancelled:
                     self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
-                free = self.max_batch - len(self.rows)
-                new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                new = self._take_admissible()
                 self.metrics.queue_length = len(self._waiting)
             for row in self.rows:
                 if row.req.id in cancelled and row.finished is None:
@@ -191,12 +209,34 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - never let one bad step kill the server
                 log.exception("engine step failed")
                 running = [row.req for row in self.rows if row.finished is None]
-                for req in running + [r for r in new if all(r is not x for x in running)]:
-                    req.emit(("error", f"internal error during generation: {type(e).__name__}: {e}"))
+                for req in running + [r for r in new if r.error is None and all(r is not x for x in running)]:
+                    self._fail(req, f"internal error during generation: {type(e).__name__}: {e}")
                 self.rows = []
             self.metrics.batch_size = len(self.rows)
 
+    def _fail(self, req: Request, message: str) -> None:
+        req.error = message
+        req.emit(("error", message))
+
     # -- admission ---------------------------------------------------------------------------------
+    def _take_admissible(self) -> list[Request]:
+        """Take waiting requests for the free slots, in order, passing over those whose tenant already
+        runs its ``max_running`` rows (they keep their place), so one tenant cannot hold every slot."""
+        free = self.max_batch - len(self.rows)
+        if free <= 0 or not self._waiting:
+            return []
+        running = Counter(row.req.tenant for row in self.rows)
+        new: list[Request] = []
+        keep: deque[Request] = deque()
+        for r in self._waiting:
+            if len(new) < free and (r.max_running is None or running[r.tenant] < r.max_running):
+                new.append(r)
+                running[r.tenant] += 1
+            else:
+                keep.append(r)
+        self._waiting = keep
+        return new
+
     def _prefix(self, req: Request) -> tuple[PrefixKV, bool]:
         """The cached prefix to start ``req`` from (cut to what its ids share with it), and whether
         this row should fill the cache: on a miss the row runs its whole prompt, and its prefix's
@@ -214,23 +254,34 @@ class Engine:
 
     @torch.no_grad()
     def _admit(self, reqs: list[Request]) -> None:
-        """Give each request a slot holding its cached prefix, and queue the rest of its prompt."""
-        dtype = self.kv.dtype
+        """Give each request a slot holding its cached prefix, and queue the rest of its prompt. Each
+        request is admitted on its own: one that fails here (a seed out of range, ids the embedding
+        cannot take, anything) is answered with an error alone and the others are admitted."""
         if self.rows:
             self.joins += len(reqs)
         for r in reqs:
-            pre, fill = self._prefix(r)
-            suf = r.ids[len(pre.ids):]
-            embeds = r.soft_prompt.embed(self.model.get_input_embeddings(), torch.tensor([suf], device=self.device))[0].to(dtype)
-            start = pre.start_pos + len(pre.ids)
-            row = _Row(r, slot=len(self.rows), length=pre.n_slots, pending=embeds, fill=fill, n_fixed=pre.n_fixed,
-                       next_pos=start, prefix_tokens=len(pre.ids))
-            self.kv.write(row.slot, pre.keys, pre.values)
-            p = r.params
-            if p.temperature > 0:
-                seed = p.seed if p.seed is not None else random.getrandbits(63)
-                row.gen = torch.Generator(device=self.device).manual_seed(seed)
+            try:
+                row = self._admit_one(r)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                log.warning("request %s refused at admission: %s: %s", r.id, type(e).__name__, e)
+                self._fail(r, f"request refused: {type(e).__name__}: {e}")
+                continue
             self.rows.append(row)
+
+    def _admit_one(self, r: Request) -> _Row:
+        gen = None
+        p = r.params
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        pre, fill = self._prefix(r)
+        suf = r.ids[len(pre.ids):]
+        embeds = r.soft_prompt.embed(self.model.get_input_embeddings(), torch.tensor([suf], device=self.device))[0]
+        start = pre.start_pos + len(pre.ids)
+        row = _Row(r, slot=len(self.rows), length=pre.n_slots, pending=embeds.to(self.kv.dtype), fill=fill,
+                   n_fixed=pre.n_fixed, next_pos=start, prefix_tokens=len(pre.ids), gen=gen)
+        self.kv.write(row.slot, pre.keys, pre.values)  # last: nothing of a refused request reaches the pools
+        return row
 
     # -- one packed forward ------------------------------------------------------------------------
     @torch.no_grad()

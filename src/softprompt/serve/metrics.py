@@ -6,6 +6,11 @@ import time
 from collections import deque
 
 
+def label(value: str) -> str:
+    """A label value escaped for the text format: backslash, double quote and line feed."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     """Counters and gauges the engine and the API update; :meth:`render` writes the text format."""
 
@@ -59,7 +64,7 @@ class Metrics:
         with self._lock:
             reqs = sorted(self.requests.items())
             metric("softprompt_requests_total", "counter", "HTTP requests by endpoint and status",
-                   [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in reqs])
+                   [(f'{{endpoint="{label(e)}",status="{label(s)}"}}', n) for (e, s), n in reqs])
             metric("softprompt_queue_length", "gauge", "requests waiting for a batch slot", [("", self.queue_length)])
             metric("softprompt_batch_size", "gauge", "rows in the running batch", [("", self.batch_size)])
             metric("softprompt_forward_total", "counter", "model forwards by phase",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.artifact import META, TENSORS, PromptArtifact, load_artifact
-from softprompt.atomic import atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from softprompt.atomic import atomic_replace_dir, atomic_write_bytes, atomic_write_json, recover_dir
 from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat
@@ -68,8 +68,21 @@ class PromptEntry:
     kind: str | None = None
 
 
-def prepare(name: str, path: Path, base: BaseModel) -> LoadedPrompt:
-    """Load and validate one artifact for serving (raises SoftPromptError with the reason)."""
+def check_contained(path: Path, root: Path) -> None:
+    """Refuse an artifact directory, or a file in it, that is a link leading out of ``root``."""
+    root = root.resolve()
+    for p in (path, path / META, path / TENSORS):
+        if p.is_symlink() or p == path:
+            target = p.resolve()
+            if target != root and root not in target.parents:
+                raise SoftPromptError(f"{p}: a symbolic link out of the prompts directory (to {target}); refused")
+
+
+def prepare(name: str, path: Path, base: BaseModel, root: Path | None = None) -> LoadedPrompt:
+    """Load and validate one artifact for serving (raises SoftPromptError with the reason); with
+    ``root``, links leading out of it are refused before anything is read."""
+    if root is not None:
+        check_contained(path, root)
     art = load_artifact(path, base=base)
     fmt = art.prompt_format(base)
     if not art.template.fields:
@@ -104,6 +117,8 @@ class Registry:
     def scan(self) -> None:
         """Bring the registry in step with the directory."""
         seen = set()
+        for sub in list(self.dir.glob(".*.old")):  # a swap a crash interrupted: put the previous version back
+            recover_dir(sub.with_name(sub.name[1:-4]))
         for sub in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
             if not sub.is_dir() or sub.name.startswith("."):
                 continue
@@ -128,7 +143,7 @@ class Registry:
             entry = self.entries.get(name) or PromptEntry(name, path)
             old_hash = entry.hash
         try:
-            loaded = prepare(name, path, self.base)
+            loaded = prepare(name, path, self.base, self.dir)
         except Exception as e:  # noqa: BLE001 - a bad artifact is refused, never fatal
             with self._lock:
                 entry.signature, entry.error = sig, str(e)
@@ -188,7 +203,7 @@ class Registry:
                 self._touch(name)
                 return entry.loaded
         try:
-            loaded = prepare(name, entry.path, self.base)
+            loaded = prepare(name, entry.path, self.base, self.dir)
         except Exception as e:  # noqa: BLE001
             log.error("prompt %r could not be reloaded: %s", name, e)
             return None

@@ -24,12 +24,37 @@ class Limits:
     max_body_bytes: int = 1 << 20  # cap on a generation request's body
     max_admin_body_bytes: int = 64 << 20  # cap on an admin upload
     max_stop: int = 4
+    max_stop_chars: int = 128  # cap on the length of each stop string
     max_n: int = 16  # cap on choices per request (each is a row of its own)
+    max_json_depth: int = 16  # cap on the nesting of a request body
+    tenant_max_queued: int | None = None  # default per-tenant cap on waiting rows (keys.yaml: max_queued)
+    tenant_max_running: int | None = None  # default per-tenant cap on running rows (keys.yaml: max_running)
+
+
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range (a choice's seed is seed + i)
+
+# OpenAI request fields this server does not implement, each with its neutral values: refused with a
+# 400 naming them unless they carry one of those (what clients send by default), so a client never
+# believes they applied. ``user`` is an identifier for abuse monitoring, with no effect on the output.
+UNSUPPORTED: dict[str, tuple] = {
+    "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "suffix": (None, ""), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto", "default"),
+    "store": (None, False), "metadata": (None, {}),
+}
+IGNORED = ("user",)
+
+
+def _neutral(key: str, value) -> bool:
+    return any(type(value) is type(v) and value == v for v in UNSUPPORTED[key])
 
 
 # -- request bodies --------------------------------------------------------------------------------
 class Body(Schema):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, logprobs: null, ...)
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name in :func:`parse`
 
     model: str
     max_tokens: int | None = None
@@ -54,7 +79,7 @@ class TextPart(Schema):
 
 
 class Message(Schema):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused unless null (see :func:`parse`)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -73,6 +98,28 @@ class ChatBody(Body):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None  # 0..20, with logprobs
+
+
+def openapi_body(schema: type[Schema]) -> dict:
+    """``openapi_extra`` for a route that reads ``schema`` itself (under the size and depth limits): the
+    request body in the OpenAPI document, definitions inlined, unknown fields not allowed (they are
+    refused, except neutral values of the ``UNSUPPORTED`` ones)."""
+    doc = schema.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            out = {k: inline(v) for k, v in node.items()}
+            if out.get("type") == "object" and "properties" in out:
+                out["additionalProperties"] = False
+            return out
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(doc)}}}}
 
 
 # -- reading and parsing ---------------------------------------------------------------------------
@@ -104,12 +151,57 @@ async def read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
     return data
 
 
-def parse(schema: type[Schema], data: dict):
+def check_depth(data: dict, limit: int) -> None:
+    """Refuse a body nested deeper than ``limit`` levels (the body itself is level 1), naming the
+    top-level field that holds the deepest nesting. Iterative: a deep body cannot exhaust the stack."""
+    stack = [(v, 2, k) for k, v in data.items()]
+    while stack:
+        value, depth, top = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                raise APIError(400, f"'{top}' is nested more than {limit} levels deep", param=str(top),
+                               code="invalid_json")
+            stack.extend((v, depth + 1, top) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _refuse_unknown(schema: type[Schema], data: dict, where: str = "") -> None:
+    for key, value in data.items():
+        if key in schema.model_fields or key in IGNORED:
+            continue
+        if key in UNSUPPORTED:
+            if not _neutral(key, value):
+                raise APIError(400, f"'{where}{key}' is not supported by this server", param=f"{where}{key}",
+                               code="unsupported_parameter")
+            continue
+        raise APIError(400, f"unknown field '{where}{key}'", param=f"{where}{key}", code="unknown_parameter")
+
+
+def parse(schema: type[Schema], data: dict, max_depth: int = 16):
+    """``data`` as ``schema``: nesting at most ``max_depth`` deep, strict types, and no field the
+    schema does not know unless it carries its neutral value (``UNSUPPORTED``) or is ``user``."""
+    check_depth(data, max_depth)
+    _refuse_unknown(schema, data)
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for i, m in enumerate(messages):
+            if isinstance(m, dict):
+                for key, value in m.items():
+                    if key not in Message.model_fields and value not in (None, [], ""):
+                        raise APIError(400, f"'messages.{i}.{key}' is not supported by this server",
+                                       param=f"messages.{i}.{key}", code="unsupported_parameter")
+    options = data.get("stream_options")
+    if isinstance(options, dict):
+        for key in options:
+            if key != "include_usage":
+                raise APIError(400, f"unknown field 'stream_options.{key}'", param=f"stream_options.{key}",
+                               code="unknown_parameter")
     try:
         return schema.model_validate(data, strict=True)
     except ValidationError as e:
@@ -158,14 +250,22 @@ def sampling_params(body: Body, max_tokens: int | None, prompt_len: int, limits:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > limits.max_stop or any(not s for s in stop):
         raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"each stop string may be at most {limits.max_stop_chars} characters", param="stop")
+    if body.seed is not None and not 0 <= body.seed <= SEED_MAX - (n - 1):
+        raise APIError(400, f"seed must be between 0 and {SEED_MAX - (n - 1)} (2^63 - n; choice i uses seed + i)",
+                       param="seed")
     return SamplingParams(max_tokens, temperature, top_p, body.seed, tuple(stop))
 
 
 def engine_requests(rid: str, n: int, lp: LoadedPrompt | None, ids: list[int], params: SamplingParams,
-                    emit: Callable[[int, tuple], None], logprobs: int | None = None) -> list[GenRequest]:
+                    emit: Callable[[int, tuple], None], logprobs: int | None = None, tenant: str = "",
+                    max_queued: int | None = None, max_running: int | None = None) -> list[GenRequest]:
     """One engine row per choice: choice ``i`` is ``rid-i`` (``rid`` alone when ``n`` is 1), with the
-    seed ``seed + i`` when the request is seeded; its events go to ``emit(i, event)``."""
+    seed ``seed + i`` when the request is seeded; its events go to ``emit(i, event)``; every row
+    carries the tenant and its caps."""
     return [GenRequest(rid if n == 1 else f"{rid}-{i}", lp, ids,
                        replace(params, seed=None if params.seed is None else params.seed + i),
-                       lambda ev, i=i: emit(i, ev), logprobs=logprobs)
+                       lambda ev, i=i: emit(i, ev), logprobs=logprobs, tenant=tenant, max_queued=max_queued,
+                       max_running=max_running)
             for i in range(n)]

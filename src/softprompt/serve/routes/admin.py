@@ -8,6 +8,7 @@ import binascii
 
 from fastapi import APIRouter, Request
 
+from softprompt.serve.auth import Tenant
 from softprompt.serve.errors import APIError
 from softprompt.serve.routes.deps import AdminDep, ServerDep
 from softprompt.serve.schemas import read_json
@@ -15,13 +16,25 @@ from softprompt.serve.schemas import read_json
 router = APIRouter(prefix="/admin")
 
 
+def in_scope(tenant: Tenant, name: str) -> None:
+    """An admin key with a ``prompts`` list administers those prompts only (403 for any other)."""
+    if not tenant.may_use(name):
+        raise APIError(403, f"this key may not administer prompt {name!r} (not in its prompts list)",
+                       "permission_error", param="name")
+
+
+def _visible(server, tenant: Tenant) -> list[dict]:
+    return [s for s in server.registry.status() if tenant.may_use(s["name"])]
+
+
 @router.get("/prompts")
-async def admin_list(server: ServerDep, _: AdminDep):
-    return {"prompts": server.registry.status()}
+async def admin_list(server: ServerDep, tenant: AdminDep):
+    return {"prompts": _visible(server, tenant)}
 
 
 @router.put("/prompts/{name}")
-async def admin_put(name: str, request: Request, server: ServerDep, _: AdminDep):
+async def admin_put(name: str, request: Request, server: ServerDep, tenant: AdminDep):
+    in_scope(tenant, name)
     data = await read_json(request, server.limits.max_admin_body_bytes)
     meta, tensors = data.get("meta"), data.get("tensors")
     if not isinstance(meta, dict):
@@ -40,13 +53,14 @@ async def admin_put(name: str, request: Request, server: ServerDep, _: AdminDep)
 
 
 @router.delete("/prompts/{name}")
-async def admin_delete(name: str, server: ServerDep, _: AdminDep):
+async def admin_delete(name: str, server: ServerDep, tenant: AdminDep):
+    in_scope(tenant, name)
     if not await asyncio.to_thread(server.registry.remove, name):
         raise APIError(404, f"no prompt named {name!r}", param="name", code="model_not_found")
     return {"name": name, "deleted": True}
 
 
 @router.post("/reload")
-async def admin_reload(server: ServerDep, _: AdminDep):
+async def admin_reload(server: ServerDep, tenant: AdminDep):
     await asyncio.to_thread(server.registry.scan)
-    return {"prompts": server.registry.status()}
+    return {"prompts": _visible(server, tenant)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
@@ -11,10 +12,17 @@ from softprompt.serve.routes.deps import ServerDep
 router = APIRouter()
 
 
+def public_model_name(name: str) -> str:
+    """The model's name without the server's file system: a local directory shows as its last
+    component (an embedded name or a hub id is shown as is)."""
+    p = Path(name)
+    return p.name if (p.is_absolute() or name.startswith((".", "~")) or p.exists()) else name
+
+
 @router.get("/health")
 async def health(server: ServerDep):
     engine = server.engine
-    return {"status": "ok", "model": server.base.name, "prompts": len(server.registry.names()),
+    return {"status": "ok", "model": public_model_name(server.base.name), "prompts": len(server.registry.names()),
             "queue": engine.queue_length, "batch": len(engine.rows), "uptime_s": round(time.time() - server.started, 1)}
 
 

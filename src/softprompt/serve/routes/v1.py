@@ -17,7 +17,7 @@ from softprompt.serve.engine import QueueFull
 from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, LoadedPrompt
 from softprompt.serve.routes.deps import ServerDep, TenantDep
-from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, parse, read_json, sampling_params
+from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, openapi_body, parse, read_json, sampling_params
 from softprompt.serve.server import Server
 from softprompt.serve.streaming import TokenLog, event_stream, usage
 
@@ -46,21 +46,29 @@ def _model_card(name: str, server: Server) -> dict:
     return {"id": name, "object": "model", "created": int(server.started), "owned_by": "softprompt"}
 
 
-async def respond(server: Server, request: Request, body: Body, lp: LoadedPrompt | None, ids: list[int],
-                  params: SamplingParams, chat: bool, logprobs: int | None = None):
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: rows finish and leave the batch every step
+
+
+async def respond(server: Server, request: Request, tenant: Tenant, body: Body, lp: LoadedPrompt | None,
+                  ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None):
     """Submit the request's ``n`` choices (one engine row each; a seeded request gives choice ``i``
-    the seed ``seed + i``) and answer with one body or one event stream for all of them."""
+    the seed ``seed + i``) under the tenant's caps, and answer with one body or one event stream
+    for all of them. A full queue, or the tenant's full share of it, answers 429 with Retry-After."""
     engine, tok = server.engine, server.base.tokenizer
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     n = body.n or 1
+    max_queued = tenant.max_queued if tenant.max_queued is not None else server.limits.tenant_max_queued
+    max_running = tenant.max_running if tenant.max_running is not None else server.limits.tenant_max_running
+    if max_queued is not None and n > max_queued:
+        raise APIError(400, f"n is {n}; this key may have at most {max_queued} rows waiting", param="n")
     reqs = engine_requests(rid, n, lp, ids, params, lambda i, ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
-                           logprobs=logprobs)
+                           logprobs=logprobs, tenant=tenant.name, max_queued=max_queued, max_running=max_running)
     try:
         engine.submit_all(reqs)
     except QueueFull as e:
-        raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        raise APIError(429, str(e), "rate_limit_error", code=e.code, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     server.metrics.tokens_in += len(ids)
     created = int(time.time())
 
@@ -120,10 +128,10 @@ async def model(name: str, server: ServerDep, tenant: TenantDep):
     return _model_card(name, server)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=openapi_body(CompletionBody))
 async def completions(request: Request, server: ServerDep, tenant: TenantDep):
     limits = server.limits
-    body: CompletionBody = parse(CompletionBody, await read_json(request, limits.max_body_bytes))
+    body: CompletionBody = parse(CompletionBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
     lp = await resolve(server, tenant, body.model)
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -141,13 +149,13 @@ async def completions(request: Request, server: ServerDep, tenant: TenantDep):
     params = sampling_params(body, body.max_tokens, len(ids), limits, server.base.max_positions)
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise APIError(400, f"logprobs must be between 0 and 5 (got {body.logprobs})", param="logprobs")
-    return await respond(server, request, body, lp, ids, params, chat=False, logprobs=body.logprobs)
+    return await respond(server, request, tenant, body, lp, ids, params, chat=False, logprobs=body.logprobs)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=openapi_body(ChatBody))
 async def chat_completions(request: Request, server: ServerDep, tenant: TenantDep):
     limits = server.limits
-    body: ChatBody = parse(ChatBody, await read_json(request, limits.max_body_bytes))
+    body: ChatBody = parse(ChatBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     lp = await resolve(server, tenant, body.model)
@@ -180,5 +188,5 @@ async def chat_completions(request: Request, server: ServerDep, tenant: TenantDe
     params = sampling_params(body, mt, len(ids), limits, server.base.max_positions)
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):
         raise APIError(400, "top_logprobs must be between 0 and 20, with logprobs: true", param="top_logprobs")
-    return await respond(server, request, body, lp, ids, params, chat=True,
+    return await respond(server, request, tenant, body, lp, ids, params, chat=True,
                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
