@@ -38,6 +38,10 @@ class QueueFull(Exception):
     """The waiting queue is at its limit."""
 
 
+class Unsupported(SoftPromptError):
+    """The engine cannot run this request's prompt (its message says why and what to do)."""
+
+
 @dataclass
 class Request:
     """One generation request. ``emit`` receives ``("delta", text)``, then ``("done", finish_reason,
