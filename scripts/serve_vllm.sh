@@ -3,7 +3,9 @@
 # enabled, for `softprompt serve --engine vllm --upstream http://127.0.0.1:8001`.
 #   bash scripts/serve_vllm.sh [MODEL_DIR] [extra vllm serve flags...]
 # Environment: PORT (8001), HOST (127.0.0.1), DTYPE (float32: exact comparison with our engine on CPU),
-# MAX_MODEL_LEN (2048), VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU, default 1).
+# MAX_MODEL_LEN (2048), VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU, default 1), EAGER=1 (no torch.compile:
+# starts in seconds instead of minutes on a small CPU, runs slower), BLOCK_SIZE (KV block; vLLM's CPU default is 128
+# tokens and its prefix cache shares whole blocks only: a shorter shared prefix needs e.g. 32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-.venv-vllm}"
@@ -27,4 +29,5 @@ export VLLM_TARGET_DEVICE=cpu
 exec "$VENV/bin/python" -W ignore::DeprecationWarning -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
   --enable-prompt-embeds --enable-prefix-caching \
   --host "${HOST:-127.0.0.1}" --port "${PORT:-8001}" --dtype "${DTYPE:-float32}" \
-  --max-model-len "${MAX_MODEL_LEN:-2048}" --served-model-name "${SERVED_NAME:-smollm2}" "$@"
+  --max-model-len "${MAX_MODEL_LEN:-2048}" --served-model-name "${SERVED_NAME:-smollm2}" \
+  ${EAGER:+--enforce-eager} ${BLOCK_SIZE:+--block-size "$BLOCK_SIZE"} "$@"
