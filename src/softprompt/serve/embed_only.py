@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.base_model import EMBEDDED, embedding_hash, ensure_embedded
+from softprompt.base_model import EMBEDDED, ModelFacts, embedding_hash, ensure_embedded, eos_ids_from
 from softprompt.errors import SoftPromptError
 
 # Names of the input-embedding tensor in the checkpoints of the usual architectures.
@@ -55,7 +55,7 @@ def load_embedding_matrix(directory: Path) -> torch.Tensor:
 
 
 @dataclass
-class EmbeddingBase:
+class EmbeddingBase(ModelFacts):
     """Tokenizer, config and input embeddings of a base model, without its layers."""
 
     name: str
@@ -72,14 +72,6 @@ class EmbeddingBase:
         return self.embedding.weight.device
 
     @property
-    def hidden_size(self) -> int:
-        return self.embedding.weight.shape[1]
-
-    @property
-    def is_chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
     def max_positions(self) -> int:
         if self.window:
             return self.window
@@ -91,13 +83,7 @@ class EmbeddingBase:
         return str(self.config.get("dtype") or self.config.get("torch_dtype") or "float32")
 
     def eos_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for src in (self.generation_config.get("eos_token_id"), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(src)
-        return sorted(ids)
+        return eos_ids_from(self.generation_config.get("eos_token_id"), self.tokenizer)
 
 
 def load_embedding_base(name: str) -> EmbeddingBase:

@@ -362,18 +362,14 @@ class VLLMEngine:
             req.emit(("token", tid(t), float(val), alts))
 
     def _render_metrics(self) -> list[str]:
-        lines = ["# HELP softprompt_upstream_up vLLM upstream answered /health at the last check",
-                 "# TYPE softprompt_upstream_up gauge"]
-        lines += [f'softprompt_upstream_up{{url="{u.url}"}} {int(u.healthy)}' for u in self.upstreams]
-        lines += ["# HELP softprompt_upstream_inflight requests in flight per vLLM upstream",
-                  "# TYPE softprompt_upstream_inflight gauge"]
-        lines += [f'softprompt_upstream_inflight{{url="{u.url}"}} {u.inflight}' for u in self.upstreams]
-        lines += ["# HELP softprompt_upstream_requests_total requests sent per vLLM upstream",
-                  "# TYPE softprompt_upstream_requests_total counter"]
-        lines += [f'softprompt_upstream_requests_total{{url="{u.url}"}} {u.requests}' for u in self.upstreams]
-        lines += ["# HELP softprompt_upstream_failures_total failed attempts per vLLM upstream",
-                  "# TYPE softprompt_upstream_failures_total counter"]
-        lines += [f'softprompt_upstream_failures_total{{url="{u.url}"}} {u.failures}' for u in self.upstreams]
+        lines: list[str] = []
+        for name, kind, help_, value in [
+                ("up", "gauge", "vLLM upstream answered /health at the last check", lambda u: int(u.healthy)),
+                ("inflight", "gauge", "requests in flight per vLLM upstream", lambda u: u.inflight),
+                ("requests_total", "counter", "requests sent per vLLM upstream", lambda u: u.requests),
+                ("failures_total", "counter", "failed attempts per vLLM upstream", lambda u: u.failures)]:
+            lines += [f"# HELP softprompt_upstream_{name} {help_}", f"# TYPE softprompt_upstream_{name} {kind}"]
+            lines += [f'softprompt_upstream_{name}{{url="{u.url}"}} {value(u)}' for u in self.upstreams]
         lines += ["# HELP softprompt_upstream_failovers_total requests retried on another upstream",
                   "# TYPE softprompt_upstream_failovers_total counter", f"softprompt_upstream_failovers_total {self.failovers}"]
         return lines
