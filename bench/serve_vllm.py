@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -77,7 +74,6 @@ def counters(url: str) -> tuple[float, float]:
 
 
 def main() -> int:
-    import httpx
     import torch
     import uvicorn
 
@@ -92,6 +88,7 @@ def main() -> int:
     from softprompt.serve.engine import Request
     from softprompt.serve.registry import Registry
     from softprompt.serve.server import Server
+    from softprompt.serve.vllm_process import start_vllm, stop_vllm, wait_ready
     from softprompt.template import parse_template
 
     base = load_base("smollm2", device="cpu")
@@ -124,20 +121,11 @@ def main() -> int:
     time.sleep(1)
 
     vport = free_port()
-    env = {**os.environ, "PORT": str(vport), "MAX_MODEL_LEN": "1024", "EAGER": "1", "BLOCK_SIZE": "32", "SOFTPROMPT_PYTHON": sys.executable}
-    log = open(prompts / "vllm.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "scripts/serve_vllm.sh")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    vlog = prompts / "vllm.log"
+    proc = start_vllm(vport, vlog, MAX_MODEL_LEN="1024", EAGER="1", BLOCK_SIZE="32")
     vurl = f"http://127.0.0.1:{vport}"
     try:
-        while True:
-            assert proc.poll() is None, (prompts / "vllm.log").read_text()[-2000:]
-            try:
-                if httpx.get(vurl + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_ready(proc, vurl, vlog)
         gw = build_vllm_server("smollm2", prompts, [vurl], watch_interval=None)
         uv, gurl = live(gw)
         stream(gurl + "/v1/completions", body(0, "warm-up"))  # warm-up (fills vLLM's cache for p0's header only)
@@ -159,15 +147,7 @@ def main() -> int:
         results["vLLM-CPU direct (prompt embeds)"]["vllm_prefix_cache_hit_rate"] = round((h1 - h0) / max(q1 - q0, 1), 3)
         uv.should_exit = True
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_vllm(proc)
     hw = hardware_line(hardware_report(measure=False))
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

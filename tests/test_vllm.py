@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -51,36 +48,20 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="session")
 def vllm_url(tmp_path_factory):
+    from softprompt.serve.vllm_process import start_vllm, stop_vllm, wait_ready
+
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, "PORT": str(port), "MAX_MODEL_LEN": "1024", "EAGER": "1", "BLOCK_SIZE": "32", "SOFTPROMPT_PYTHON": os.sys.executable}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "serve_vllm.sh")], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_vllm(port, log, MAX_MODEL_LEN="1024", EAGER="1", BLOCK_SIZE="32")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n" + log.read_text()[-3000:])
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "vLLM did not start in 600 s:\n" + log.read_text()[-3000:]
-            time.sleep(1)
+        try:
+            wait_ready(proc, url, log)
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # vLLM's engine and worker processes too, whatever the main process did
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_vllm(proc)
 
 
 @pytest.fixture(scope="session")
