@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+# The tests marked vllm need vLLM in its own venv; without it they skip (SOFTPROMPT_NO_VLLM=1: don't build it).
+if [ -z "${SOFTPROMPT_NO_VLLM:-}" ] && [ ! -x .venv-vllm/bin/python ]; then
+  scripts/vllm_venv.sh || echo "scripts/vllm_venv.sh failed: the tests marked vllm will skip" >&2
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check --quiet . || { echo "ruff found problems (above): fix them, or see pyproject [tool.ruff]" >&2; exit 1; }
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -38,8 +38,32 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "softprompt"
 
 
+def eos_ids_from(generation_eos, tokenizer) -> list[int]:
+    """End-of-sequence ids: the generation config's (an id or a list) and the tokenizer's."""
+    ids: set[int] = set()
+    for src in (generation_eos, tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return sorted(ids)
+
+
+class ModelFacts:
+    """What a base model's embedding and tokenizer tell (shared by :class:`BaseModel` and the
+    vLLM gateway's embedding-only base)."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.weight.shape[1]
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
 @dataclass
-class BaseModel:
+class BaseModel(ModelFacts):
     """A frozen causal LM with its tokenizer and fingerprint."""
 
     name: str  # what the user asked for: 'smollm2', a hub id or a path
@@ -56,27 +80,12 @@ class BaseModel:
         return self.model.get_input_embeddings()
 
     @property
-    def hidden_size(self) -> int:
-        return self.embedding.weight.shape[1]
-
-    @property
-    def is_chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
     def max_positions(self) -> int:
         cfg = self.model.config
         return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
 
     def eos_ids(self) -> list[int]:
-        ids = set()
-        gen = getattr(self.model, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(src)
-        return sorted(ids)
+        return eos_ids_from(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None), self.tokenizer)
 
 
 def embedding_hash(weight: torch.Tensor) -> str:

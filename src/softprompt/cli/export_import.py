@@ -9,11 +9,15 @@ from softprompt.errors import SoftPromptError
 
 
 def register(sub) -> None:
-    e = sub.add_parser("export", help="export a prompt to another format (PEFT)",
-                       description="Export a prompt as a PEFT adapter (adapter_config.json + adapter_model.safetensors).")
+    e = sub.add_parser("export", help="export a prompt to another format (PEFT, vLLM, TensorRT-LLM)",
+                       description="Export a prompt as a PEFT adapter (adapter_config.json + adapter_model.safetensors), "
+                                   "for vLLM's prompt embeds (soft_rows.pt + vllm_prompt.json; see docs/vllm.md) or as a "
+                                   "TensorRT-LLM prompt table (prompt_table.npy + task_ids.json + trtllm_prompt.json).")
     e.add_argument("prompt", help="prompt artifact directory")
-    e.add_argument("--format", default="peft", choices=["peft"])
-    e.add_argument("--out", required=True, help="adapter directory to write")
+    e.add_argument("--format", default="peft", choices=["peft", "vllm", "trtllm"])
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the exported rows (vllm: the server's --dtype, default float32; trtllm: default float16)")
+    e.add_argument("--out", required=True, help="directory to write")
     e.add_argument("--overwrite", action="store_true")
     add_model_args(e, default=None)
     e.set_defaults(func=run_export)
@@ -42,6 +46,19 @@ def run_export(args: argparse.Namespace) -> int:
     from softprompt.peft_io import CONFIG, export_peft
 
     out = Path(args.out)
+    if args.format in ("vllm", "trtllm"):
+        from softprompt.export_formats import export_trtllm, export_vllm
+
+        _check_out(out, args.overwrite, f"{args.format}_prompt.json")
+        art, base = load_prompt_and_base(args.prompt, args.model, args.device)
+        if args.format == "vllm":
+            files = export_vllm(art, base, out, dtype=args.dtype or "float32")
+        else:
+            if args.dtype == "bfloat16":
+                raise SoftPromptError("--format trtllm writes numpy, which has no bfloat16: use float16 or float32")
+            files = export_trtllm(art, base, out, Path(args.prompt).resolve().name, dtype=args.dtype or "float16")
+        print(f"wrote {', '.join(str(f) for f in files)} ({art.kind}, {art.prompt.n_virtual} virtual tokens)")
+        return 0
     _check_out(out, args.overwrite, CONFIG)
     art, base = load_prompt_and_base(args.prompt, args.model, args.device)
     export_peft(art, base, out)

@@ -57,6 +57,17 @@ def _add_args(p) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt's prefix per request")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 "
                    "is often faster on a machine shared with other busy processes)")
+    p.add_argument("--engine", choices=["native", "vllm"], default="native",
+                   help="native (default): generate here, on our engine; vllm: keep this API (keys, registry, metrics, "
+                        "streaming) and forward generation to the vLLM servers given by --upstream, as prompt embeddings "
+                        "(only the model's tokenizer and embedding matrix are loaded here)")
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="with --engine vllm: a vLLM server started with --enable-prompt-embeds (repeat for several: "
+                        "least-loaded with health checks and failover)")
+    p.add_argument("--upstream-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="with --engine vllm: dtype of the prompt embeddings sent (auto: the checkpoint's, as vLLM's "
+                        "--dtype auto; give the upstream's --dtype if it differs)")
+    p.add_argument("--upstream-policy", choices=["least-loaded", "round-robin"], default="least-loaded")
     p.add_argument("--watch-interval", type=float, default=1.0, help="seconds between directory scans (0: off)")
 
 
@@ -81,21 +92,37 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn  # noqa: F401 - without the serve extra, fail before the model is loaded
 
+    from softprompt.serve.app import build_server, build_vllm_server, serve_forever
+    from softprompt.serve.schemas import Limits
+
+    limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes,
+                    tenant_max_queued=args.tenant_max_queued, tenant_max_running=args.tenant_max_running)
+    if args.engine == "vllm" or args.upstream:
+        if args.engine != "vllm":
+            raise SoftPromptError("--upstream is for --engine vllm")
+        if not args.upstream:
+            raise SoftPromptError("--engine vllm needs --upstream URL (a vLLM server started with --enable-prompt-embeds, "
+                                  "e.g. by scripts/serve_vllm.sh)")
+        logging.getLogger("softprompt").setLevel(logging.INFO)
+        server = build_vllm_server(args.model, args.prompts, args.upstream, keys=args.keys, dtype=args.upstream_dtype,
+                                   policy=args.upstream_policy, prompt_memory_bytes=int(args.prompt_memory_mb * 2**20),
+                                   limits=limits, max_inflight=args.max_batch * 4, max_queue=args.max_queue,
+                                   watch_interval=args.watch_interval or None)
+        if not server.auth.enabled:
+            logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
+                                                          args.host, args.port)
+        return serve_forever(server, args.host, args.port, log_level="info" if args.verbose else "warning", studio=args.studio)
+
     if args.threads is not None:
         if args.threads < 1:
             raise SoftPromptError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
 
-    from softprompt.serve.app import build_server, serve_forever
-    from softprompt.serve.schemas import Limits
-
     logging.getLogger("softprompt").setLevel(logging.INFO)  # the server logs what it loads, refuses and packs
     server = build_server(args.model, args.prompts, device=args.device, keys=args.keys, precision=args.precision,
                           pack_weights=not args.no_pack_weights,
                           prompt_memory_bytes=int(args.prompt_memory_mb * 2**20),
-                          limits=Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes,
-                                        tenant_max_queued=args.tenant_max_queued,
-                                        tenant_max_running=args.tenant_max_running),
+                          limits=limits,
                           max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                           prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
                           watch_interval=args.watch_interval or None)

@@ -63,6 +63,28 @@ def route_template(request: Request) -> str:
     return path if isinstance(path, str) else "other"
 
 
+def build_vllm_server(model: str, prompts: str | Path, upstreams: list[str], *, keys: str | Path | None = None,
+                      dtype: str = "auto", policy: str = "least-loaded", prompt_memory_bytes: int = 256 << 20,
+                      limits: Limits | None = None, max_inflight: int = 64, max_queue: int = 64,
+                      health_interval: float = 2.0, watch_interval: float | None = 1.0) -> Server:
+    """A :class:`Server` whose generation runs on the vLLM servers ``upstreams`` (``--engine vllm``):
+    only the tokenizer and the input-embedding matrix of ``model`` are loaded here (the prompts are
+    validated against its fingerprint as usual), see :mod:`softprompt.serve.vllm_engine`."""
+    from softprompt.serve.embed_only import load_embedding_base
+    from softprompt.serve.vllm_engine import VLLMEngine
+
+    auth = Auth.from_file(keys) if keys else Auth()
+    base = load_embedding_base(model)
+    registry = Registry(base, prompts, budget_bytes=prompt_memory_bytes)
+
+    def engine(metrics):
+        return VLLMEngine(base, upstreams, metrics, dtype=dtype, policy=policy, max_inflight=max_inflight,
+                          max_queue=max_queue, health_interval=health_interval)
+
+    return Server(base, registry, auth, limits, max_queue=max_queue, prefix_cache=False, watch_interval=watch_interval,
+                  engine=engine)
+
+
 def create_app(server: Server, studio: bool = False) -> FastAPI:
     """The ASGI app; with ``studio`` the web studio (softprompt.serve.studio) is served at ``/studio``."""
     @asynccontextmanager

@@ -46,6 +46,10 @@ class TenantQueueFull(QueueFull):
     code = "tenant_queue_full"
 
 
+class Unsupported(SoftPromptError):
+    """The engine cannot run this request's prompt (its message says why and what to do)."""
+
+
 @dataclass
 class Request:
     """One generation request. ``emit`` receives ``("delta", text)``, then ``("done", finish_reason,

@@ -25,6 +25,7 @@ class Metrics:
         self.batch_size = 0
         self.queue_length = 0
         self.batch_rows_total = 0
+        self.extra: list = []  # callables returning more exposition lines (an engine's own metrics)
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -81,4 +82,6 @@ class Metrics:
         metric("softprompt_prompts", "gauge", "prompts in the registry", [("", len(registry.names()))])
         metric("softprompt_prompts_loaded_bytes", "gauge", "bytes of prompt tensors in memory", [("", registry.nbytes)])
         metric("softprompt_prompt_evictions_total", "counter", "prompts evicted from memory (LRU)", [("", registry.evictions)])
+        for more in self.extra:
+            lines += more()
         return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from softprompt.chat import chat_ids, refusal
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams
 from softprompt.serve.auth import Tenant
-from softprompt.serve.engine import QueueFull
+from softprompt.serve.engine import QueueFull, Unsupported
 from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, LoadedPrompt
 from softprompt.serve.routes.deps import ServerDep, TenantDep
@@ -69,6 +69,8 @@ async def respond(server: Server, request: Request, tenant: Tenant, body: Body, 
         engine.submit_all(reqs)
     except QueueFull as e:
         raise APIError(429, str(e), "rate_limit_error", code=e.code, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except Unsupported as e:
+        raise APIError(400, str(e), param="model", code="unsupported_prompt_kind") from None
     server.metrics.tokens_in += len(ids)
     created = int(time.time())
 

