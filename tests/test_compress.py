@@ -40,14 +40,21 @@ def test_kl_is_zero_when_student_sees_the_teachers_input(tiny, tmp_path, topk, r
     entries, hit = job.teacher_entries("train", train)
     assert not hit
     # The student path (no soft prompt, no KV cache, whole padded batch) fed the teacher's own ids.
+    # The teacher's distributions cover every position after the context: query tokens, then the continuation.
     rows = [(job.renderer.fill(e.query, job.ctx_ids), e.cont) for e in entries]
-    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
+    frm = [job.renderer.span_end(e.query, len(job.ctx_ids)) + 1 for e in entries]
+    assert all(e.qlen == len(r) - f > 0 for e, (r, _), f in zip(entries, rows, frm))
+    batch = rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device, label_from=frm)
+    logits = target_logits(tiny.model, None, batch, share_prefix=False)[0]
     dists = TeacherDists.cat([e.dists for e in entries])
-    n = sum(len(e.cont) for e in entries)
+    n = sum(len(e.cont) + e.qlen for e in entries)
+    assert logits.shape[0] == n == len(dists)
     assert float(kl_loss(logits, dists, reverse=reverse)) / n < 1e-5
     # ... and clearly non-zero when the context is missing.
     rows = [(job.renderer.fill(e.query, []), e.cont) for e in entries]
-    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
+    frm = [job.renderer.span_end(e.query, 0) + 1 for e in entries]
+    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device, label_from=frm),
+                           share_prefix=False)[0]
     assert float(kl_loss(logits, dists, reverse=reverse)) / n > 1e-3
 
 
@@ -116,8 +123,8 @@ def test_teacher_with_kv_reuse_matches_a_plain_forward(tiny, tmp_path):
     entries, _ = job.teacher_entries("train", train)
     for e in entries[:3]:
         ids = torch.tensor([e.ids + e.cont])
-        plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1:-1]
-        assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain, atol=1e-4)
+        plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1 - e.qlen:-1]  # query targets, then the continuation
+        assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain[e.qlen:], atol=1e-4)
         assert torch.allclose(e.dists.full, torch.log_softmax(plain, -1).half().float(), atol=1e-2)
 
 
