@@ -161,7 +161,7 @@ class Compressor:
             if vs != vt:
                 raise SoftPromptError(f"teacher vocabulary ({vt}) differs from the student's ({vs})")
         self.ctx_ids = tok(self.context, add_special_tokens=False).input_ids
-        if cfg.tokens > len(self.ctx_ids):
+        if cfg.tokens > len(self.ctx_ids) and cfg.kind != "prefix":  # a prefix refuses it (below)
             self.warn(f"{cfg.tokens} soft tokens for a context of only {len(self.ctx_ids)} tokens: nothing to compress "
                       f"(compression ratio {len(self.ctx_ids) / cfg.tokens:.2f}); use fewer --tokens")
         self.layout: Layout = make_layout(tok, cfg.tokens, cfg.placement, cfg.template, cfg.chat)
