@@ -375,7 +375,8 @@ def test_self_study_yields_distinct_queries_from_every_chunk(tiny):
 
     pieces = chunks(tiny.tokenizer, LONG, 40)
     assert len(pieces) >= 3
-    train, held = self_study(tiny, tiny.tokenizer, LONG, n_train=30, n_heldout=6, seed=0, chunk_tokens=40, progress=False)
+    train, held = self_study(tiny, tiny.tokenizer, LONG, n_train=30, n_heldout=6, seed=0, chunk_tokens=40, progress=False,
+                             max_new_tokens=12)
     assert len(train) == 30 and len(held) == 6
     keys = [query_key(q.text) for q in train + held]
     assert len(set(keys)) == len(keys)  # distinct, and held-out disjoint from training

@@ -52,6 +52,31 @@ def model_dir(base) -> Path:
     raise FileNotFoundError(f"no local weights directory for {base.name!r}")
 
 
+class _LegacyCacheModel:
+    """LLMLingua 0.2 slices and re-feeds the cache as a list of (key, value) pairs (the pre-5 transformers
+    format); this wrapper converts those pairs to a DynamicCache on the way in and the model's cache back
+    to pairs on the way out. Everything else is the wrapped model's."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
+        from transformers import DynamicCache
+
+        if isinstance(past_key_values, (list, tuple)):
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(past_key_values):
+                cache.update(k, v, i)
+            past_key_values = cache
+        out = self._model(*args, past_key_values=past_key_values, **kwargs)
+        if getattr(out, "past_key_values", None) is not None and hasattr(out.past_key_values, "layers"):
+            out.past_key_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out
+
+
 _CACHE: dict[str, object] = {}
 
 
@@ -63,7 +88,9 @@ def compressor(base, tokenizer):
     if d not in _CACHE:
         device = "cuda" if base.device.type == "cuda" else "cpu"
         with _local_counter(tokenizer):
-            _CACHE[d] = PromptCompressor(model_name=d, device_map=device, model_config={"trust_remote_code": False})
+            pc = PromptCompressor(model_name=d, device_map=device, model_config={"trust_remote_code": False})
+        pc.model = _LegacyCacheModel(pc.model)
+        _CACHE[d] = pc
     return _CACHE[d]
 
 

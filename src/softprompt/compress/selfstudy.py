@@ -123,13 +123,14 @@ def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: b
 
 def self_study(base, tokenizer, context: str, n_train: int = 256, n_heldout: int = 24, seed: int = 0,
                chunk_tokens: int = 128, bf16: bool = False, progress: bool = True,
-               exclude: list[str] = ()) -> tuple[list[Query], list[Query]]:
+               exclude: list[str] = (), max_new_tokens: int = 32) -> tuple[list[Query], list[Query]]:
     """``n_train`` distinct training queries and ``n_heldout`` held-out ones (another seed, none equal
     to a training query) generated from ``context``."""
     from softprompt.compress.queries import query_key
 
     pieces = chunks(tokenizer, context, chunk_tokens)
     seen = {query_key(t) for t in exclude}
-    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen)
-    held = _collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen) if n_heldout else []
+    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen, max_new_tokens)
+    held = (_collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen, max_new_tokens)
+            if n_heldout else [])
     return train, held
