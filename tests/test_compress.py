@@ -369,6 +369,14 @@ LONG = " ".join(f"Rule {i}: customers of the {w} desk must show a ticket before 
                 for i, (w, h) in enumerate(zip(["north", "south", "east", "west", "main", "side"], [8, 9, 10, 11, 12, 1])))
 
 
+def test_dedupe_ignores_case_spacing_and_punctuation():
+    from softprompt.compress.queries import dedupe
+
+    qs = [Query("When do boats leave?"), Query("when do  boats leave"), Query("Who built it?"), Query("WHEN do boats, leave?!")]
+    assert [q.text for q in dedupe(qs)] == ["When do boats leave?", "Who built it?"]
+    assert [q.text for q in dedupe(qs, exclude=["who built it"])] == ["When do boats leave?"]
+
+
 def test_self_study_yields_distinct_queries_from_every_chunk(tiny):
     from softprompt.compress.queries import query_key
     from softprompt.compress.selfstudy import TYPES, chunks, self_study
@@ -490,11 +498,13 @@ def test_llmlingua_baseline_is_its_own_api_output(tiny, tmp_path):
 
     from softprompt.compress.lingua import _local_counter, lingua_compress, model_dir
 
-    got = lingua_compress(LONG, 16, tiny, tiny.tokenizer)
+    text = "\n\n".join([LONG, CONTEXT, LONG.replace("ticket", "pass")])
+    got = lingua_compress(text, 24, tiny, tiny.tokenizer)
     with _local_counter(tiny.tokenizer):
         pc = PromptCompressor(model_name=str(model_dir(tiny)), device_map="cpu", model_config={"trust_remote_code": False})
-    want = pc.compress_prompt([LONG], target_token=16)["compressed_prompt"]
-    assert got == want and got != LONG
+    want = pc.compress_prompt([text], target_token=24)["compressed_prompt"]
+    assert got == want and got != text
+    assert lingua_compress(text, 96, tiny, tiny.tokenizer) != got  # the budget matters
     res = compress(CONTEXT, _cfg(baselines=("truncated", "none", "llmlingua")), _queries(), tmp_path / "p", base=tiny, progress=False)
     assert res.report["llmlingua_text"] == lingua_compress(CONTEXT, 4, tiny, tiny.tokenizer)
     assert "llmlingua" in res.report["fidelity"]
