@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from softprompt.hardware import hardware_line, hardware_report  # noqa: E402
 
+NAME = "compress_bench"
 GOALS = {"top1": 0.90, "gap": 0.80, "rouge_l": 0.6}
 
 
@@ -153,7 +154,7 @@ def findings(rows: list[dict], prep: dict) -> list[str]:
 
 def write(rows, prep, meta, hw_line) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compress_bench.json").write_text(json.dumps({"meta": meta, "prep": prep, "rows": rows}, indent=1))
+    (RESULTS / f"{NAME}.json").write_text(json.dumps({"meta": meta, "prep": prep, "rows": rows}, indent=1))
     head = [c[0] for c in COLS]
     body = [[cell(r, k, f) for _, k, f in COLS] for r in rows]
     md = ["# Context compression on SmolLM2-135M-Instruct", "", hw_line, "",
@@ -168,7 +169,7 @@ def write(rows, prep, meta, hw_line) -> None:
     md += ["", "## Dev-KL curves (step: dev KL)", ""]
     for r in rows:
         md.append(f"- {r['context']} / {r['run']}: " + ", ".join(f"{c['step']}: {c['dev_kl']:.3f}" for c in r["curve"]))
-    (RESULTS / "compress_bench.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{NAME}.md").write_text("\n".join(md) + "\n")
 
 
 def main() -> int:
@@ -193,7 +194,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--name", default="compress_bench", help="results file name under bench/results/")
     args = ap.parse_args()
+    global NAME
+    NAME = args.name
     if args.quick:
         args.queries, args.squad_queries, args.heldout, args.squad, args.steps, args.curve = 16, 16, 4, 1, 6, ""
         args.eval_every = 3
