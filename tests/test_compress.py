@@ -40,14 +40,21 @@ def test_kl_is_zero_when_student_sees_the_teachers_input(tiny, tmp_path, topk, r
     entries, hit = job.teacher_entries("train", train)
     assert not hit
     # The student path (no soft prompt, no KV cache, whole padded batch) fed the teacher's own ids.
+    # The teacher's distributions cover every position after the context: query tokens, then the continuation.
     rows = [(job.renderer.fill(e.query, job.ctx_ids), e.cont) for e in entries]
-    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
+    frm = [job.renderer.span_end(e.query, len(job.ctx_ids)) + 1 for e in entries]
+    assert all(e.qlen == len(r) - f > 0 for e, (r, _), f in zip(entries, rows, frm))
+    batch = rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device, label_from=frm)
+    logits = target_logits(tiny.model, None, batch, share_prefix=False)[0]
     dists = TeacherDists.cat([e.dists for e in entries])
-    n = sum(len(e.cont) for e in entries)
+    n = sum(len(e.cont) + e.qlen for e in entries)
+    assert logits.shape[0] == n == len(dists)
     assert float(kl_loss(logits, dists, reverse=reverse)) / n < 1e-5
     # ... and clearly non-zero when the context is missing.
     rows = [(job.renderer.fill(e.query, []), e.cont) for e in entries]
-    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device), share_prefix=False)[0]
+    frm = [job.renderer.span_end(e.query, 0) + 1 for e in entries]
+    logits = target_logits(tiny.model, None, rows_batch(rows, tiny.tokenizer.pad_token_id, tiny.device, label_from=frm),
+                           share_prefix=False)[0]
     assert float(kl_loss(logits, dists, reverse=reverse)) / n > 1e-3
 
 
@@ -116,8 +123,8 @@ def test_teacher_with_kv_reuse_matches_a_plain_forward(tiny, tmp_path):
     entries, _ = job.teacher_entries("train", train)
     for e in entries[:3]:
         ids = torch.tensor([e.ids + e.cont])
-        plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1:-1]
-        assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain, atol=1e-4)
+        plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1 - e.qlen:-1]  # query targets, then the continuation
+        assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain[e.qlen:], atol=1e-4)
         assert torch.allclose(e.dists.full, torch.log_softmax(plain, -1).half().float(), atol=1e-2)
 
 
@@ -290,3 +297,214 @@ def test_smollm2_soft_prompt_beats_no_context(smollm2, tmp_path):
     fid = res.report["fidelity"]
     assert fid["soft"]["kl_per_token"] < fid["none"]["kl_per_token"]
     assert res.report["cost"]["full"]["kv_bytes"] > 2 * res.report["cost"]["soft"]["kv_bytes"]
+
+
+# -- KV-prefix students ----------------------------------------------------------------------------
+def test_rerotated_keys_match_a_prefill_at_the_new_positions(tiny):
+    from softprompt.compress.kv_init import prefill_kv, rerotate
+
+    ids = tiny.tokenizer(CONTEXT, add_special_tokens=False).input_ids[:20]
+    at0, at7 = prefill_kv(tiny.model, ids, start=0), prefill_kv(tiny.model, ids, start=7)
+    assert not torch.allclose(at0[:, 0], at7[:, 0], atol=1e-3)  # the keys carry their positions
+    assert torch.allclose(at0[:, 1], at7[:, 1], atol=1e-5)  # the values do not (RoPE is shift-invariant)
+    back = rerotate(tiny.model, at7[:, 0], list(range(7, 27)), list(range(20)))
+    assert torch.allclose(back, at0[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["first", "even", "attention"])
+def test_kv_prefix_from_every_context_position_is_the_teacher(tiny, tmp_path, positions):
+    n = len(tiny.tokenizer(CONTEXT, add_special_tokens=False).input_ids)
+    job = Compressor(CONTEXT, _cfg(kind="prefix", tokens=n, positions=positions, topk=0), _queries(), tmp_path / "p",
+                     base=tiny, progress=False)
+    train, _ = job.split()
+    entries, _ = job.teacher_entries("train", train)
+    prompt = job.make_prompt()
+    assert prompt.kind == "prefix" and prompt.n_virtual == len(job.head_ids) + n == job.n_positions
+    assert job.positions_kept == list(range(n))
+    kl = job.loss_on(entries, prompt)  # exact full-vocabulary KL at every query and continuation position
+    assert kl < 1e-5, kl
+    # fewer positions: a real approximation, not the teacher
+    job2 = Compressor(CONTEXT, _cfg(kind="prefix", tokens=4, positions=positions, topk=0), _queries(), tmp_path / "q",
+                      base=tiny, progress=False)
+    job2.split()
+    job2.fit_entries = entries
+    p2 = job2.make_prompt()
+    assert len(job2.positions_kept) == 4 and job2.loss_on(entries, p2) > 1e-3
+
+
+def test_kv_prefix_student_trains_saves_and_generates(tiny, tiny_dir, tmp_path):
+    from softprompt.artifact import load_artifact
+    from softprompt.generate import SamplingParams, generate
+
+    out = tmp_path / "p"
+    job = Compressor(CONTEXT, _cfg(kind="prefix", tokens=6, positions="even", steps=12, eval_every=4, lr=0.01), _queries(), out,
+                     base=tiny, progress=False)
+    job.split()
+    entries, _ = job.teacher_entries("train", job.fit_q)
+    first = job.make_prompt().kv.detach().clone()
+    res = job.run()
+    kv = res.prompt.kv.detach()
+    assert torch.equal(kv[:, :, :, :1], first[:, :, :, :1])  # the attention sink stayed frozen
+    assert not torch.equal(kv[:, :, :, 1:], first[:, :, :, 1:])
+    art = load_artifact(out, base=tiny)
+    assert art.kind == "prefix" and "[soft" not in art.meta["template"]
+    ex = res.report["examples"][0]
+    got = generate(tiny, art.prompt, art.prompt_format(tiny), [ex["query"]], SamplingParams(max_new_tokens=6))
+    assert got[0].strip() == ex["soft"]
+
+
+def test_kv_prefix_bad_input(tiny, tmp_path):
+    with pytest.raises(SoftPromptError, match="cannot be a compression student"):
+        Compressor(CONTEXT, _cfg(kind="lora"), _queries(), tmp_path / "a", base=tiny, progress=False)
+    with pytest.raises(SoftPromptError, match="has only"):
+        Compressor(CONTEXT, _cfg(kind="prefix", tokens=500), _queries(), tmp_path / "b", base=tiny, progress=False)
+    with pytest.raises(SoftPromptError, match="--positions"):
+        Compressor(CONTEXT, _cfg(kind="prefix", positions="middle"), _queries(), tmp_path / "c", base=tiny, progress=False)
+    with pytest.raises(SoftPromptError, match="placement system"):
+        Compressor(CONTEXT, _cfg(kind="prefix", placement="user"), _queries(), tmp_path / "d", base=tiny, progress=False)
+
+
+# -- self-study queries ----------------------------------------------------------------------------
+LONG = " ".join(f"Rule {i}: customers of the {w} desk must show a ticket before {h} o'clock on weekdays."
+                for i, (w, h) in enumerate(zip(["north", "south", "east", "west", "main", "side"], [8, 9, 10, 11, 12, 1])))
+
+
+def test_dedupe_ignores_case_spacing_and_punctuation():
+    from softprompt.compress.queries import dedupe
+
+    qs = [Query("When do boats leave?"), Query("when do  boats leave"), Query("Who built it?"), Query("WHEN do boats, leave?!")]
+    assert [q.text for q in dedupe(qs)] == ["When do boats leave?", "Who built it?"]
+    assert [q.text for q in dedupe(qs, exclude=["who built it"])] == ["When do boats leave?"]
+
+
+def test_self_study_yields_distinct_queries_from_every_chunk(tiny):
+    from softprompt.compress.queries import query_key
+    from softprompt.compress.selfstudy import TYPES, chunks, self_study
+
+    pieces = chunks(tiny.tokenizer, LONG, 40)
+    assert len(pieces) >= 3
+    train, held = self_study(tiny, tiny.tokenizer, LONG, n_train=30, n_heldout=6, seed=0, chunk_tokens=40, progress=False,
+                             max_new_tokens=12)
+    assert len(train) == 30 and len(held) == 6
+    keys = [query_key(q.text) for q in train + held]
+    assert len(set(keys)) == len(keys)  # distinct, and held-out disjoint from training
+    assert {q.meta["chunk"] for q in train} == set(range(len(pieces)))
+    assert {q.meta["chunk"] for q in held} >= set(range(min(6, len(pieces))))
+    assert {q.meta["seed"] for q in train}.isdisjoint({q.meta["seed"] for q in held})
+    assert all(q.meta["type"] in TYPES for q in train)
+
+
+def test_generated_queries_by_default_and_none_usable_is_an_error(tiny, tmp_path, monkeypatch):
+    job = Compressor(LONG, _cfg(n_queries=12, n_heldout=3, chunk_tokens=40), None, tmp_path / "p", base=tiny, progress=False)
+    train, held = job.split()
+    assert len(train) == 12 and len(held) == 3 and len(job.dev_q) >= 1 and job.generated
+    import softprompt.compress.selfstudy as ss
+
+    monkeypatch.setattr(ss, "self_study", lambda *a, **k: ([], []))
+    job = Compressor(LONG, _cfg(), None, tmp_path / "q", base=tiny, progress=False)
+    with pytest.raises(SoftPromptError, match="no usable queries"):
+        job.split()
+
+
+# -- training to convergence -----------------------------------------------------------------------
+def test_early_stopping_on_a_rising_dev_kl_keeps_the_best_prompt(tiny, tmp_path, monkeypatch):
+    job = Compressor(CONTEXT, _cfg(steps=200, eval_every=2, patience=3), _queries(), tmp_path / "p", base=tiny, progress=False)
+    job.split()
+    entries, _ = job.teacher_entries("train", job.fit_q)
+    dev, _ = job.teacher_entries("dev", job.dev_q)
+    curve = iter([1.0, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
+    seen = {}
+
+    def fake_dev(e, prompt=None):
+        v = next(curve)
+        seen[v] = prompt.vectors().detach().clone()
+        return v
+
+    monkeypatch.setattr(job, "loss_on", fake_dev)
+    hist = job.train(entries, dev)
+    assert job.stopped_early and job.best_step == 4 and len(hist) == 10  # best at step 4, 3 worse evaluations after it
+    assert [h["dev_kl"] for h in hist if "dev_kl" in h] == [1.0, 0.8, 0.9, 1.0, 1.1]
+    assert torch.equal(job.prompt.vectors().detach(), seen[0.8])  # the best prompt is the one kept
+
+
+def test_resume_continues_an_interrupted_compression(tiny, tmp_path, monkeypatch):
+    def job(out, **kw):
+        j = Compressor(CONTEXT, _cfg(steps=12, eval_every=4, patience=0, **kw), _queries(), out, base=tiny, progress=False)
+        j.split()
+        return j, j.teacher_entries("train", j.fit_q)[0], j.teacher_entries("dev", j.dev_q)[0]
+
+    ref, e, d = job(tmp_path / "ref")
+    ref.train(e, d)
+    broken, e, d = job(tmp_path / "p")
+    calls = {"n": 0}
+    orig = broken._loss
+
+    def dies(prompt, entries):
+        calls["n"] += 1
+        if calls["n"] > 11:  # 8 steps + 2 dev evaluations (1 batch each) + 1: dies at step 9
+            raise KeyboardInterrupt
+        return orig(prompt, entries)
+
+    monkeypatch.setattr(broken, "_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        broken.train(e, d)
+    assert (tmp_path / "p" / "compress_checkpoint.pt").exists()
+    again, e, d = job(tmp_path / "p", resume=True)
+    hist = again.train(e, d)
+    assert [h["step"] for h in hist] == list(range(1, 13))
+    assert torch.allclose(again.prompt.vectors(), ref.prompt.vectors(), atol=1e-6)
+
+
+# -- robust runs -----------------------------------------------------------------------------------
+def test_a_report_failure_leaves_a_loadable_prompt(tiny, tmp_path, monkeypatch):
+    from softprompt.artifact import load_artifact
+
+    def boom(self, heldout):
+        raise ModuleNotFoundError("No module named 'rouge_score'")
+
+    monkeypatch.setattr(Compressor, "evaluate", boom)
+    with pytest.raises(ModuleNotFoundError):
+        compress(CONTEXT, _cfg(), _queries(), tmp_path / "p", base=tiny, progress=False)
+    art = load_artifact(tmp_path / "p", base=tiny)
+    assert art.kind == "prompt-tuning" and art.prompt.n_virtual == 4
+
+
+def test_missing_dependencies_are_found_before_any_work(tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(SoftPromptError, match="rouge-score.*nothing was run"):
+        Compressor(CONTEXT, _cfg(), _queries(), tmp_path / "p", base=tiny, progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_bad_kind_and_positions(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q.txt"
+    q.write_text("\n".join(QUERIES) + "\n")
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    common = ["compress", "--model", str(tiny_dir), "--device", "cpu", "--quiet", "--steps", "2", "--max-new-tokens", "4",
+              "--context", str(ctx), "--queries", str(q)]
+    rc, _, err = _cli(common + ["--kind", "lora", "--out", str(tmp_path / "a")], capsys)
+    assert rc == 2 and "cannot be a compression student" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli(common + ["--kind", "prefix", "--tokens", "999", "--out", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "has only" in err and len(err.strip().splitlines()) == 1
+
+
+# -- LLMLingua -------------------------------------------------------------------------------------
+def test_llmlingua_baseline_is_its_own_api_output(tiny, tmp_path):
+    from llmlingua import PromptCompressor
+
+    from softprompt.compress.lingua import _local_counter, lingua_compress, model_dir
+
+    text = "\n\n".join([LONG, CONTEXT, LONG.replace("ticket", "pass")])
+    got = lingua_compress(text, 24, tiny, tiny.tokenizer)
+    with _local_counter(tiny.tokenizer):
+        pc = PromptCompressor(model_name=str(model_dir(tiny)), device_map="cpu", model_config={"trust_remote_code": False})
+    want = pc.compress_prompt([text], target_token=24)["compressed_prompt"]
+    assert got == want and got != text
+    assert lingua_compress(text, 96, tiny, tiny.tokenizer) != got  # the budget matters
+    res = compress(CONTEXT, _cfg(baselines=("truncated", "none", "llmlingua")), _queries(), tmp_path / "p", base=tiny, progress=False)
+    assert res.report["llmlingua_text"] == lingua_compress(CONTEXT, 4, tiny, tiny.tokenizer)
+    assert "llmlingua" in res.report["fidelity"]

@@ -19,10 +19,25 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=int, default=16, help="soft tokens (default: 16)")
     p.add_argument("--queries", help="queries: one per line, or JSONL with 'query' (and optional 'answers'); "
                                      "default: generated from the model and generic probes")
-    p.add_argument("--n-queries", type=int, default=24, help="queries to generate when --queries is not given")
+    p.add_argument("--n-queries", type=int, default=256, help="self-study training queries to generate when --queries is "
+                                                              "not given (or with --mix-queries); default 256")
+    p.add_argument("--n-heldout", type=int, default=24, help="held-out queries to generate (another seed); default 24")
+    p.add_argument("--mix-queries", action="store_true", help="with --queries: add generated self-study queries")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="self-study chunk length in tokens (default 128)")
     p.add_argument("--heldout", type=float, default=0.2, help="share of queries held out for the report (default 0.2)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prompt in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted compression in --out (its queries, "
+                                                          "teacher cache and training checkpoint)")
+    st = p.add_argument_group("student")
+    st.add_argument("--kind", default="prompt-tuning", help="prompt-tuning (soft input vectors, default) or prefix "
+                                                            "(per-layer keys/values initialized from the context's own)")
+    st.add_argument("--positions", default="first", help="prefix: context positions that start the prefix: first | even | "
+                                                         "attention (most attended by the training queries)")
+    st.add_argument("--no-freeze-first", dest="freeze_first", action="store_false",
+                    help="prefix: train the first position too (default: frozen, the attention sink)")
+    st.add_argument("--baselines", default="truncated,none,llmlingua",
+                    help="comma-separated report baselines among truncated, none, llmlingua (default: all)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--placement", choices=["system", "user"], default="system",
                      help="where the context sits for the teacher (and the soft prompt for the student): the chat "
@@ -39,7 +54,12 @@ def register(sub) -> None:
     d.add_argument("--init", default="context", help="context | random | vocab | text:TEXT (default: context)")
     d.add_argument("--cache-dir", help="teacher cache directory (default: OUT/teacher_cache)")
     o = p.add_argument_group("optimization")
-    o.add_argument("--steps", type=int, default=100)
+    o.add_argument("--steps", type=int, default=400, help="at most this many steps (default 400; early stopping)")
+    o.add_argument("--eval-every", type=int, default=10, help="steps between dev-KL evaluations (default 10)")
+    o.add_argument("--patience", type=int, default=4, help="dev evaluations without improvement before stopping "
+                                                           "(default 4; 0: never)")
+    o.add_argument("--loss-positions", choices=["all", "continuation"], default="all",
+                   help="distill at every position after the context (default) or only along the continuation")
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--lr", type=float, default=0.03)
     o.add_argument("--seed", type=int, default=0)
@@ -60,12 +80,20 @@ def read_context(path: str) -> str:
     return text
 
 
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in ("truncated", "none", "llmlingua")]
+    if bad:
+        raise SoftPromptError(f"--baselines: unknown {', '.join(bad)} (expected truncated, none, llmlingua)")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from softprompt.compress import CompressConfig, Compressor, read_queries
     from softprompt.compress.report import format_text
 
     out = Path(args.out)
-    if not args.overwrite and (out / "prompt.json").exists():
+    if not args.overwrite and not args.resume and (out / "prompt.json").exists():
         raise SoftPromptError(f"{out} already holds a prompt: pass --overwrite to replace it")
     context = read_context(args.context)
     queries = read_queries(args.queries) if args.queries else None
@@ -73,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
                          template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature,
                          topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          max_new_tokens=args.max_new_tokens, sample_temperature=args.sample, n_queries=args.n_queries,
-                         heldout=args.heldout, seed=args.seed, precision=args.precision, device=args.device, cache_dir=args.cache_dir)
+                         heldout=args.heldout, seed=args.seed, precision=args.precision, device=args.device, cache_dir=args.cache_dir,
+                         kind=args.kind, positions=args.positions, freeze_first=args.freeze_first, loss_positions=args.loss_positions,
+                         eval_every=args.eval_every, patience=args.patience, n_heldout=args.n_heldout, chunk_tokens=args.chunk_tokens,
+                         query_mix=args.mix_queries, baselines=_baselines(args.baselines), resume=args.resume)
     job = Compressor(context, cfg, queries, out, progress=not args.quiet,
                      warn=lambda m: print(f"softprompt: warning: {m}", file=sys.stderr))
     res = job.run()

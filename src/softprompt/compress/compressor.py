@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,9 +23,10 @@ from softprompt.base_model import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
 from softprompt.compress.layout import Layout, Renderer, make_layout
-from softprompt.compress.queries import generate_queries, split_queries
+from softprompt.compress.queries import split_queries
 from softprompt.compress.report import decode, fidelity, format_text, prefill_cost, write_report
 from softprompt.compress.teacher import Teacher, TeacherDists, TeacherEntry, cache_key, load_entries, save_entries
+from softprompt.data.examples import Example
 from softprompt.data.queries import Query
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
@@ -48,8 +50,16 @@ class CompressConfig:
     objective: str = "forward_kl"  # forward_kl | reverse_kl | loglik
     temperature: float = 1.0
     topk: int = 64  # 0: exact full-vocabulary KL
-    init: str = "context"  # context | random | vocab | text:TEXT
-    steps: int = 100
+    init: str = "context"  # context | random | vocab | text:TEXT (prompt-tuning)
+    kind: str = "prompt-tuning"  # prompt-tuning (soft input vectors) | prefix (per-layer keys/values)
+    positions: str = "first"  # prefix: context positions whose keys/values start the prefix (first|even|attention)
+    freeze_first: bool = True  # prefix: keep the first position (the attention sink) frozen
+    loss_positions: str = "all"  # all: every position after the context (query + continuation) | continuation
+    steps: int = 400  # at most; training stops early when the held-out (dev) KL stops improving
+    eval_every: int = 10  # steps between dev evaluations (early stopping, checkpoints)
+    patience: int = 4  # dev evaluations without improvement before stopping (0: never stop early)
+    min_delta: float = 1e-4
+    dev: float = 0.1  # share of the training queries used for early stopping (at least 1, at most 32)
     batch_size: int = 8
     lr: float = 0.03
     warmup: float = 0.06
@@ -57,7 +67,12 @@ class CompressConfig:
     max_grad_norm: float = 1.0
     max_new_tokens: int = 32  # teacher continuation length
     sample_temperature: float = 0.0  # 0: greedy teacher continuations for training
-    n_queries: int = 24  # generated when no queries are given
+    n_queries: int = 256  # generated when no queries are given (self-study)
+    n_heldout: int = 24  # held-out queries generated with another seed when none are given
+    chunk_tokens: int = 128  # self-study chunk length
+    query_mix: bool = False  # with --queries: mix generated (self-study) queries in as well
+    baselines: tuple = ("truncated", "none", "llmlingua")
+    resume: bool = False
     heldout: float = 0.2
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it natively)
@@ -81,6 +96,22 @@ def context_sha(context: str) -> str:
     return hashlib.sha256(context.encode("utf-8")).hexdigest()[:16]
 
 
+STUDENT_KINDS = ("prompt-tuning", "prefix")
+LOSS_POSITIONS = ("all", "continuation")
+
+
+def check_dependencies(cfg: CompressConfig) -> None:
+    """Every package the whole run needs, checked before any work starts."""
+    from importlib.util import find_spec
+
+    need = {"rouge_score": "rouge-score (pip install 'softprompt[eval]')", "tqdm": "tqdm"}
+    if "llmlingua" in cfg.baselines:
+        need["llmlingua"] = "llmlingua (pip install 'softprompt[compress]', or drop the llmlingua baseline)"
+    missing = [hint for mod, hint in need.items() if find_spec(mod) is None]
+    if missing:
+        raise SoftPromptError(f"compress needs {', '.join(missing)}: not installed (nothing was run)")
+
+
 def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
@@ -93,6 +124,7 @@ class Compressor:
                  progress: bool = True, warn: Callable[[str], None] | None = None,
                  heldout_queries: list[Query] | None = None):
         """``heldout_queries``, when given, are the held-out set and ``queries`` all train."""
+        self.t_start = time.perf_counter()
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.fixed_heldout = heldout_queries
         self.warnings: list[str] = []
@@ -103,6 +135,15 @@ class Compressor:
             raise SoftPromptError(f"--temperature must be > 0 (got {cfg.temperature})")
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
             raise SoftPromptError("--steps, --batch-size and --max-new-tokens must be >= 1")
+        if cfg.kind not in STUDENT_KINDS:
+            raise SoftPromptError(f"--kind {cfg.kind!r} cannot be a compression student: expected one of {', '.join(STUDENT_KINDS)}")
+        if cfg.loss_positions not in LOSS_POSITIONS:
+            raise SoftPromptError(f"--loss-positions {cfg.loss_positions!r}: expected one of {', '.join(LOSS_POSITIONS)}")
+        from softprompt.compress.kv_init import POSITION_CHOICES
+
+        if cfg.positions not in POSITION_CHOICES:
+            raise SoftPromptError(f"--positions {cfg.positions!r}: expected one of {', '.join(POSITION_CHOICES)}")
+        check_dependencies(cfg)
         if not isinstance(context, str) or not context.strip():
             raise SoftPromptError("the context is empty: nothing to compress")
         self.context = context.strip()
@@ -120,17 +161,68 @@ class Compressor:
             if vs != vt:
                 raise SoftPromptError(f"teacher vocabulary ({vt}) differs from the student's ({vs})")
         self.ctx_ids = tok(self.context, add_special_tokens=False).input_ids
-        if cfg.tokens > len(self.ctx_ids):
+        if cfg.tokens > len(self.ctx_ids) and cfg.kind != "prefix":  # a prefix refuses it (below)
             self.warn(f"{cfg.tokens} soft tokens for a context of only {len(self.ctx_ids)} tokens: nothing to compress "
                       f"(compression ratio {len(self.ctx_ids) / cfg.tokens:.2f}); use fewer --tokens")
         self.layout: Layout = make_layout(tok, cfg.tokens, cfg.placement, cfg.template, cfg.chat)
         self.renderer = Renderer(tok, self.layout)
+        self.student_fmt = self.renderer.fmt
+        self.head_ids: list[int] = []
+        if cfg.kind == "prefix":
+            self._prefix_layout()
         self.queries = queries
         self.precision = resolve_precision(cfg.precision, self.base.device)
         self.bf16 = self.precision.bf16
         self.teacher = Teacher(self.teacher_base, bf16=self.bf16)
         self.history: list[dict] = []
         self.prompt: SoftPrompt | None = None
+
+    def _prefix_layout(self) -> None:
+        """For a KV-prefix student: the ids before the context (``head``, held in the prefix) and the
+        template after it (what the student runs), checked to tokenize exactly as the teacher's tail."""
+        from softprompt.encoding import PromptFormat
+        from softprompt.template import Soft, Template
+
+        if self.cfg.tokens > len(self.ctx_ids):
+            raise SoftPromptError(f"--tokens {self.cfg.tokens}: a KV prefix keeps context positions, and this context "
+                                  f"has only {len(self.ctx_ids)}")
+        segs = self.layout.template.segments
+        at = next(i for i, x in enumerate(segs) if isinstance(x, Soft))
+        tail = Template(tuple(segs[at + 1:]))
+        fmt = PromptFormat(self.base.tokenizer, tail, chat=False, system=None)
+        heads = set()
+        for q in ("What is it?", "Explain the rules in detail, please."):
+            ids = self.renderer.student_ids(q)
+            a = next(i for i, x in enumerate(ids) if x < 0)
+            teacher = self.renderer.fill(q, self.ctx_ids)
+            heads.add(tuple(ids[:a]))
+            if fmt.prompt_ids(Example({"input": q})) != teacher[a + len(self.ctx_ids):] or len(heads) != 1:
+                raise SoftPromptError("--kind prefix needs a layout whose text after the context tokenizes on its own and "
+                                      "whose text before it does not depend on the query: use --placement system")
+        self.head_ids = list(heads.pop())
+        self.student_fmt = fmt
+        self.student_template = tail
+
+    @property
+    def n_positions(self) -> int:
+        """Positions the student's prompt occupies (a prefix also holds the template before the context)."""
+        return len(self.head_ids) + self.cfg.tokens if self.cfg.kind == "prefix" else self.cfg.tokens
+
+    @property
+    def template_source(self) -> str:
+        return self.student_template.to_string() if self.cfg.kind == "prefix" else self.layout.template_source
+
+    def student_ids(self, query: str) -> list[int]:
+        """The student's ids for ``query`` (prompt tuning: with soft markers; prefix: the tail only)."""
+        return self.student_fmt.prompt_ids(Example({"input": query}))
+
+    def _label_from(self, student_row: list[int]) -> int:
+        """Index of the first distilled target in a student row: the second token after the context."""
+        if self.cfg.loss_positions == "continuation":
+            return len(student_row)
+        if self.cfg.kind == "prefix":
+            return 1
+        return max(i for i, x in enumerate(student_row) if x < 0) + 2
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -140,16 +232,51 @@ class Compressor:
 
     # -- queries -----------------------------------------------------------------------------------
     def split(self) -> tuple[list[Query], list[Query]]:
-        self.generated = self.queries is None
-        if self.queries is None:
-            self.queries = generate_queries(self.teacher_base, self.context, self.cfg.n_queries, self.cfg.seed, bf16=self.bf16)
-        if not self.queries:
-            raise SoftPromptError("no queries")
-        if self.fixed_heldout:
-            self.train_q, self.heldout_q = list(self.queries), list(self.fixed_heldout)
-            self.queries = self.train_q + self.heldout_q
+        """Training and held-out queries (the user's, generated ones, or both), and a dev share of the
+        training queries for early stopping. Generated queries are saved in OUT so ``--resume`` reuses them."""
+        from softprompt.compress.queries import dedupe
+        from softprompt.compress.selfstudy import self_study
+
+        c = self.cfg
+        self.generated = self.queries is None or (c.query_mix and not self.fixed_heldout)
+        saved = self.out / "queries.json"
+        if c.resume and saved.exists():
+            data = json.loads(saved.read_text())
+            self.train_q = [Query(q["text"], tuple(q.get("answers", ())), meta=q.get("meta", {})) for q in data["train"]]
+            self.heldout_q = [Query(q["text"], tuple(q.get("answers", ())), meta=q.get("meta", {})) for q in data["heldout"]]
         else:
-            self.train_q, self.heldout_q = split_queries(self.queries, self.cfg.heldout, self.cfg.seed)
+            user = list(self.queries or [])
+            if self.fixed_heldout:
+                user_train, user_held = user, list(self.fixed_heldout)
+            elif user:
+                if len(user) < 2 and not self.generated:
+                    raise SoftPromptError(f"need at least 2 queries (one to train on, one held out), got {len(user)}")
+                user_train, user_held = split_queries(user, c.heldout, c.seed) if len(user) >= 2 else (user, [])
+            else:
+                user_train, user_held = [], []
+            gen_train, gen_held = [], []
+            if self.queries is None or (c.query_mix and not self.fixed_heldout):
+                gen_train, gen_held = self_study(self.teacher_base, self.base.tokenizer, self.context, c.n_queries,
+                                                 c.n_heldout, c.seed, c.chunk_tokens, bf16=self.bf16, progress=self.progress,
+                                                 exclude=[q.text for q in user])
+            self.train_q = dedupe(user_train + gen_train)
+            self.heldout_q = dedupe(user_held + gen_held, exclude=[q.text for q in self.train_q])
+            if not self.train_q or not self.heldout_q:
+                raise SoftPromptError("the query generator yielded no usable queries "
+                                      f"({len(self.train_q)} to train on, {len(self.heldout_q)} held out): pass --queries FILE")
+            self.out.mkdir(parents=True, exist_ok=True)
+            from softprompt.atomic import atomic_write_json
+
+            atomic_write_json(saved, {k: [{"text": q.text, "answers": list(q.answers), "meta": dict(q.meta or {})} for q in v]
+                                      for k, v in (("train", self.train_q), ("heldout", self.heldout_q))})
+        order = list(range(len(self.train_q)))
+        import random
+
+        random.Random(c.seed + 1).shuffle(order)
+        k = min(32, max(1, round(c.dev * len(order)))) if len(order) > 1 else 0
+        self.dev_q = [self.train_q[i] for i in order[:k]]
+        self.fit_q = [self.train_q[i] for i in order[k:]] or list(self.train_q)
+        self.queries = self.train_q + self.heldout_q
         self._check_window()
         return self.train_q, self.heldout_q
 
@@ -166,37 +293,42 @@ class Compressor:
     # -- the teacher -------------------------------------------------------------------------------
     def _key(self, split: str, queries: list[Query]) -> str:
         """Hash of everything the teacher's outputs depend on: its weights, its exact input ids (context,
-        layout and queries, but not the soft prompt's length) and the decoding/distribution settings."""
+        layout and queries, but not the soft prompt's length or kind) and the decoding/distribution settings."""
         c = self.cfg
         rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
-        train = split == "train"
+        train = split != "heldout"
         return cache_key(split=split, teacher=self.teacher_base.fingerprint, ids=hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
-                         max_new_tokens=c.max_new_tokens, sample=c.sample_temperature if train else 0.0, seed=c.seed,
-                         topk=c.topk if train else None, temperature=c.temperature if train else None, bf16=self.bf16, version=1)
+                         max_new_tokens=c.max_new_tokens, sample=c.sample_temperature if split == "train" else 0.0, seed=c.seed,
+                         topk=c.topk if train else None, temperature=c.temperature if train else None, bf16=self.bf16,
+                         positions=c.loss_positions if train else None, version=2)
 
     @property
     def cache_dir(self) -> Path:
         return Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "teacher_cache"
 
     def teacher_entries(self, split: str, queries: list[Query]) -> tuple[list[TeacherEntry], bool]:
-        """Cached teacher outputs for ``queries`` (training: continuations + distributions; held-out:
-        greedy continuations only). Returns (entries, loaded from disk)."""
+        """Cached teacher outputs for ``queries`` (train/dev: continuations + distributions at every
+        distilled position; held-out: greedy continuations only). Returns (entries, loaded from disk)."""
         path = self.cache_dir / f"{split}-{self._key(split, queries)}.safetensors"
         entries = load_entries(path)
         if entries is not None and [e.query for e in entries] == [q.text for q in queries]:
             return entries, True
         c = self.cfg
         rows = [self.renderer.fill(q.text, self.ctx_ids) for q in queries]
-        self.teacher.set_prefix(reusable_prefix(rows, limit=self.renderer.span_end(queries[0].text, len(self.ctx_ids))))
+        span_end = self.renderer.span_end(queries[0].text, len(self.ctx_ids))
+        self.teacher.set_prefix(reusable_prefix(rows, limit=span_end))
         self.teacher_kv_prefix = len(self.teacher._prefix or [])
         gen = torch.Generator(device=self.teacher.device).manual_seed(c.seed)
         entries = []
         from tqdm.auto import tqdm
 
+        dists_kept = split != "heldout"
         for q, ids in tqdm(list(zip(queries, rows)), desc=f"teacher ({split})", disable=not self.progress, leave=False):
             sample = c.sample_temperature if split == "train" else 0.0
-            cont, dists = self.teacher.continue_(ids, c.max_new_tokens, c.temperature, c.topk, sample, gen)
-            entries.append(TeacherEntry(q.text, ids, cont, dists.to("cpu") if split == "train" else None))
+            from_pos = span_end + 1 if dists_kept and c.loss_positions == "all" else None
+            cont, dists = self.teacher.continue_(ids, c.max_new_tokens, c.temperature, c.topk, sample, gen, from_pos=from_pos)
+            qlen = len(ids) - from_pos if from_pos is not None else 0
+            entries.append(TeacherEntry(q.text, ids, cont, dists.to("cpu") if dists_kept else None, qlen))
         save_entries(path, entries, {"split": split, "context_tokens": len(self.ctx_ids)})
         return entries, False
 
@@ -206,40 +338,134 @@ class Compressor:
             return InitSpec("text", text=self.context)
         return parse_init(self.cfg.init)
 
+    def kept_positions(self) -> list[int]:
+        """Context positions whose keys/values start a prefix student (see :mod:`kv_init`)."""
+        from softprompt.compress.kv_init import attention_received, select_positions
+
+        c = self.cfg
+        scores = None
+        if c.positions == "attention" and c.tokens < len(self.ctx_ids):
+            entries = getattr(self, "fit_entries", None)
+            qs = self.fit_q[:16]
+            rows = [self.renderer.fill(q.text, self.ctx_ids) for q in qs]
+            if entries:
+                rows = [e.ids + e.cont[:-1] for e in entries[:16]]
+            scores = attention_received(self.teacher_base.model, self.head_ids + self.ctx_ids, rows, self.bf16)
+        self.positions_kept = select_positions(c.positions, c.tokens, len(self.head_ids), len(self.ctx_ids), scores)
+        return self.positions_kept
+
     def make_prompt(self) -> SoftPrompt:
+        if self.cfg.kind == "prefix":
+            from softprompt.compress.kv_init import kv_prefix_init
+            from softprompt.prompts.prefix import PrefixTuning, cache_layout
+
+            kv = kv_prefix_init(self.teacher_base.model, self.head_ids, self.ctx_ids, self.kept_positions(), self.bf16)
+            layers, kv_heads, head_dim = cache_layout(self.base.model)
+            return PrefixTuning(kv.shape[3], self.base.hidden_size, layers, kv_heads, head_dim, init=kv).to(self.base.device)
         table = init_table(self.layout.template, self.init_spec(), self.base.embedding.weight, self.base.tokenizer, self.cfg.seed)
         return kind_class("prompt-tuning").create(self.cfg.tokens, self.base, table).to(self.base.device)
 
-    def train(self, entries: list[TeacherEntry]) -> list[dict]:
-        """The distillation loop; it runs only the student (the teacher's outputs come from ``entries``)."""
+    def _freeze(self, prompt: SoftPrompt) -> None:
+        """Keep the prefix's first position (the attention sink) as initialized: its gradient is zeroed,
+        so AdamW (no weight decay) never moves it."""
+        if self.cfg.kind != "prefix" or not self.cfg.freeze_first:
+            return
+
+        def hook(g):
+            g = g.clone()
+            g[:, :, :, :1] = 0
+            return g
+
+        prompt.kv.register_hook(hook)
+
+    def _batch(self, entries: list[TeacherEntry]):
+        c, base = self.cfg, self.base
+        rows = []
+        for e in entries:
+            r = self.student_ids(e.query)
+            frm = self._label_from(r)
+            if len(r) - frm != e.qlen:
+                raise RuntimeError(f"student targets ({len(r) - frm}) and teacher query distributions ({e.qlen}) differ")
+            rows.append((r, e.cont, frm))
+        batch = rows_batch([(r, cont) for r, cont, _ in rows], base.tokenizer.pad_token_id, base.device,
+                           label_from=[f for _, _, f in rows])
+        targets = torch.tensor([t for r, cont, f in rows for t in r[f:] + cont], device=base.device)
+        teacher = TeacherDists.cat([e.dists for e in entries]).to(base.device) if c.objective != "loglik" else None
+        return batch, targets, teacher
+
+    def _loss(self, prompt: SoftPrompt, entries: list[TeacherEntry]) -> tuple[torch.Tensor, int]:
+        batch, targets, teacher = self._batch(entries)
+        with autocast(self.base.device, self.bf16):
+            logits = target_logits(self.base.model, prompt, batch, share_prefix=False)[0]
+        return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature), len(targets)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "compress_checkpoint.pt"
+
+    def train(self, entries: list[TeacherEntry], dev: list[TeacherEntry] | None = None) -> list[dict]:
+        """The distillation loop; it runs only the student (the teacher's outputs come from ``entries``).
+        Every ``eval_every`` steps the dev KL is measured; training stops after ``patience`` evaluations
+        without improvement and the best prompt is kept. A checkpoint is written at each evaluation;
+        with ``resume`` a run continues from it."""
         from tqdm.auto import tqdm
 
-        c, base = self.cfg, self.base
+        c = self.cfg
         torch.manual_seed(c.seed)
+        self.fit_entries = entries
         prompt = self.prompt = self.make_prompt()
         prompt.train()
-        student_rows = [self.renderer.student_ids(e.query) for e in entries]
+        self._freeze(prompt)
         optim = PromptOptimizer(prompt.parameters(), lr=c.lr, steps=c.steps, warmup=c.warmup, schedule=c.schedule,
                                 max_grad_norm=c.max_grad_norm)
-        plan = batch_plan([len(r) + len(e.cont) for r, e in zip(student_rows, entries)], c.batch_size, c.steps, c.seed, bucket=False)
-        bar = tqdm(total=c.steps, desc="compress", unit="step", disable=not self.progress, dynamic_ncols=True)
-        history = []
+        plan = batch_plan([len(self.student_ids(e.query)) + len(e.cont) for e in entries], c.batch_size, c.steps, c.seed, bucket=False)
+        history: list[dict] = []
+        best, best_step, bad, start = float("inf"), 0, 0, 0
+        best_state = None
+        if c.resume and self.checkpoint_path.exists():
+            ck = torch.load(self.checkpoint_path, weights_only=False)
+            prompt.load_state_dict(ck["prompt"])
+            optim.opt.load_state_dict(ck["optim"])
+            optim.sched.load_state_dict(ck["sched"])
+            history, best, best_step, bad, start, best_state = (ck["history"], ck["best"], ck["best_step"], ck["bad"],
+                                                                ck["step"], ck["best_state"])
+        bar = tqdm(total=c.steps, initial=start, desc="compress", unit="step", disable=not self.progress, dynamic_ncols=True)
+        self.stopped_early = False
         for step, idx in enumerate(plan, 1):
+            if step <= start:
+                continue
             t0 = time.perf_counter()
-            batch = rows_batch([(student_rows[i], entries[i].cont) for i in idx], base.tokenizer.pad_token_id, base.device)
-            targets = torch.tensor([t for i in idx for t in entries[i].cont], device=base.device)
-            teacher = TeacherDists.cat([entries[i].dists for i in idx]).to(base.device) if c.objective != "loglik" else None
-            with autocast(base.device, self.bf16):
-                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
-            loss = distill_loss(c.objective, logits, teacher, targets, c.temperature) / len(targets)
+            loss_sum, n = self._loss(prompt, [entries[i] for i in idx])
+            loss = loss_sum / n
             check_finite(loss, step)
             loss.backward()
             rec = {"type": "train", "step": step, "loss": float(loss.detach()), **optim.step(),
                    "time_s": time.perf_counter() - t0}
-            history.append(rec)
+            if dev and (step % c.eval_every == 0 or step == c.steps):
+                prompt.eval()
+                rec["dev_kl"] = self.loss_on(dev, prompt)
+                prompt.train()
+                if rec["dev_kl"] < best - c.min_delta:
+                    best, best_step, bad = rec["dev_kl"], step, 0
+                    best_state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
+                else:
+                    bad += 1
+                history.append(rec)
+                torch.save({"prompt": prompt.state_dict(), "optim": optim.opt.state_dict(), "sched": optim.sched.state_dict(),
+                            "history": history, "best": best, "best_step": best_step, "bad": bad, "step": step,
+                            "best_state": best_state}, self.checkpoint_path)
+                if c.patience and bad >= c.patience:
+                    self.stopped_early = True
+                    bar.update(1)
+                    break
+            else:
+                history.append(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", **({"dev": f"{best:.4f}"} if best_state is not None else {}))
         bar.close()
+        if best_state is not None:
+            prompt.load_state_dict(best_state)
+        self.best_step, self.best_dev = best_step, (best if best_state is not None else None)
         prompt.eval()
         prompt.requires_grad_(False)
         self.history = history
@@ -248,23 +474,26 @@ class Compressor:
     @torch.no_grad()
     def loss_on(self, entries: list[TeacherEntry], prompt: SoftPrompt | None = None) -> float:
         """Mean distillation loss per token of ``prompt`` (default: the current one) over ``entries``."""
-        c, base = self.cfg, self.base
         prompt = prompt or self.prompt
         total, count = 0.0, 0
-        for i in range(0, len(entries), c.batch_size):
-            chunk = entries[i:i + c.batch_size]
-            batch = rows_batch([(self.renderer.student_ids(e.query), e.cont) for e in chunk], base.tokenizer.pad_token_id, base.device)
-            targets = torch.tensor([t for e in chunk for t in e.cont], device=base.device)
-            teacher = TeacherDists.cat([e.dists for e in chunk]).to(base.device) if c.objective != "loglik" else None
-            with autocast(base.device, self.bf16):
-                logits = target_logits(base.model, prompt, batch, share_prefix=False)[0]
-            total += float(distill_loss(c.objective, logits, teacher, targets, c.temperature))
-            count += len(targets)
+        for i in range(0, len(entries), self.cfg.batch_size):
+            loss, n = self._loss(prompt, entries[i:i + self.cfg.batch_size])
+            total += float(loss)
+            count += n
         return total / max(count, 1)
 
     # -- the report --------------------------------------------------------------------------------
+    def lingua_text(self) -> tuple[str, list[int]]:
+        """The context compressed by LLMLingua (the frozen model as its scorer) to this prompt's budget."""
+        from softprompt.compress.lingua import lingua_compress
+
+        if not hasattr(self, "_lingua"):
+            text = lingua_compress(self.context, self.cfg.tokens, self.teacher_base, self.base.tokenizer)
+            self._lingua = (text, self.base.tokenizer(text, add_special_tokens=False).input_ids)
+        return self._lingua
+
     def evaluate(self, heldout: list[TeacherEntry]) -> dict:
-        """Fidelity of the soft prompt and the two baselines on held-out queries, and the cost side."""
+        """Fidelity of the soft prompt and the baselines on held-out queries, and the cost side."""
         c, base, tok = self.cfg, self.base, self.base.tokenizer
         n = c.tokens
         conts = [e.cont for e in heldout]
@@ -273,13 +502,25 @@ class Compressor:
         self.teacher.set_prefix(reusable_prefix([e.ids for e in heldout], limit=ctx_end))  # once, also on a cache hit
         teacher_logits = [self.teacher.forced_logits(e.ids, e.cont).cpu() for e in heldout]
         answers = [next((q.answers for q in self.heldout_q if q.text == e.query), ()) for e in heldout]
-        variants = {"soft": (self.prompt, [self.renderer.fill(e.query, None) for e in heldout]),
-                    "truncated": (None, [self.renderer.fill(e.query, self.ctx_ids[:n]) for e in heldout]),
-                    "none": (None, [self.renderer.fill(e.query, []) for e in heldout])}
+        variants = {"soft": (self.prompt, [self.student_ids(e.query) for e in heldout])}
+        if "truncated" in c.baselines:
+            variants["truncated"] = (None, [self.renderer.fill(e.query, self.ctx_ids[:n]) for e in heldout])
+        if "llmlingua" in c.baselines:
+            try:
+                lingua_ids = self.lingua_text()[1]
+                variants["llmlingua"] = (None, [self.renderer.fill(e.query, lingua_ids) for e in heldout])
+            except Exception as e:  # noqa: BLE001 - a peer's failure must not cost the run its report
+                self.warn(f"the LLMLingua baseline failed ({e.__class__.__name__}: {e}); reported without it")
+        if "none" in c.baselines:
+            variants["none"] = (None, [self.renderer.fill(e.query, []) for e in heldout])
         fid = {}
         for name, (prompt, rows) in variants.items():
             fid[name] = fidelity(base, prompt, rows, conts, [t.to(base.device) for t in teacher_logits], teacher_texts,
                                  c.max_new_tokens, answers, self.bf16)
+        if "none" in fid:
+            gap = fid["none"]["kl_per_token"]
+            for v in fid.values():
+                v["kl_gap_closed"] = (1 - v["kl_per_token"] / gap) if gap > 0 else None
         if any(answers):
             from softprompt.compress.report import answer_f1
 
@@ -287,59 +528,82 @@ class Compressor:
             fid["teacher"] = {"answer_f1": sum(answer_f1(t, list(a)) for t, a in scored) / len(scored)}
         timing = heldout[: min(c.timing_queries, len(heldout))]
         full = prefill_cost(base, None, [e.ids for e in timing], c.timing_repeats, self.bf16)
-        soft = prefill_cost(base, self.prompt, [self.renderer.fill(e.query, None) for e in timing], c.timing_repeats, self.bf16)
+        soft = prefill_cost(base, self.prompt, [self.student_ids(e.query) for e in timing], c.timing_repeats, self.bf16)
         cost = {"full": full, "soft": soft, "kv_ratio": full["kv_bytes"] / max(soft["kv_bytes"], 1),
                 "ttft_speedup": full["ttft_ms"] / max(soft["ttft_ms"], 1e-9), "device": str(base.device), "bf16": self.bf16,
-                "timed_queries": len(timing), "repeats": c.timing_repeats}
+                "timed_queries": len(timing), "repeats": c.timing_repeats,
+                "prompt_param_bytes": sum(p.numel() for p in self.prompt.parameters()) * 4}
         examples = [{"query": e.query, "teacher": teacher_texts[i], **{k: fid[k]["outputs"][i] for k in variants}}
                     for i, e in enumerate(heldout[:3])]
         for k in variants:
             fid[k].pop("outputs")
-        train_losses = [h["loss"] for h in self.history]
+        train_recs = [h for h in self.history if h.get("type") == "train"]
+        train_losses = [h["loss"] for h in train_recs]
         return {
             "context_tokens": len(self.ctx_ids), "soft_tokens": n, "compression_ratio": len(self.ctx_ids) / n,
+            "kind": c.kind, "student_positions": self.n_positions,
+            "positions": c.positions if c.kind == "prefix" else None,
+            "positions_kept": getattr(self, "positions_kept", None), "freeze_first": c.freeze_first if c.kind == "prefix" else None,
             "context_sha256": context_sha(self.context), "placement": self.layout.placement,
-            "template": self.layout.template_source, "objective": c.objective, "temperature": c.temperature,
-            "topk": c.topk, "init": c.init, "n_train": len(self.train_q), "n_heldout": len(heldout),
-            "train": {"steps": len(self.history), "first_loss": train_losses[0] if train_losses else None,
+            "template": self.template_source, "objective": c.objective, "temperature": c.temperature,
+            "topk": c.topk, "init": c.init if c.kind == "prompt-tuning" else f"kv:{c.positions}",
+            "loss_positions": c.loss_positions, "n_train": len(self.fit_q), "n_dev": len(self.dev_q), "n_heldout": len(heldout),
+            "llmlingua_text": self._lingua[0] if hasattr(self, "_lingua") else None,
+            "train": {"steps": len(train_recs), "max_steps": c.steps, "stopped_early": getattr(self, "stopped_early", False),
+                      "best_step": getattr(self, "best_step", None), "best_dev_kl": getattr(self, "best_dev", None),
+                      "first_loss": train_losses[0] if train_losses else None,
                       "final_loss": train_losses[-1] if train_losses else None,
-                      "time_s": sum(h["time_s"] for h in self.history)},
+                      "curve": [{"step": h["step"], "dev_kl": h["dev_kl"]} for h in train_recs if "dev_kl" in h],
+                      "time_s": sum(h["time_s"] for h in train_recs)},
             "fidelity": fid, "cost": cost, "examples": examples, "warnings": list(self.warnings),
         }
 
     # -- the whole job -----------------------------------------------------------------------------
     def run(self) -> CompressResult:
+        """Queries, teacher, training, then the prompt is saved *before* the report is made, so a
+        failure in the report never loses the trained prompt."""
         self.split()
         t0 = time.perf_counter()
         f0 = self.teacher.forwards
-        train_entries, train_hit = self.teacher_entries("train", self.train_q)
+        fit_entries, fit_hit = self.teacher_entries("train", self.fit_q)
+        dev_entries, dev_hit = self.teacher_entries("dev", self.dev_q) if self.dev_q else ([], True)
         held_entries, held_hit = self.teacher_entries("heldout", self.heldout_q)
         teacher_info = {"forwards": self.teacher.forwards - f0, "time_s": time.perf_counter() - t0,
-                        "cache": "hit" if train_hit and held_hit else "built", "dir": str(self.cache_dir),
+                        "cache": "hit" if fit_hit and dev_hit and held_hit else "built", "dir": str(self.cache_dir),
                         "kv_reused_prefix_tokens": getattr(self, "teacher_kv_prefix", None)}
         f1 = self.teacher.forwards
-        self.train(train_entries)
+        t1 = time.perf_counter()
+        self.train(fit_entries, dev_entries)
         if self.teacher.forwards != f1:  # the loop must not touch the teacher
             raise RuntimeError("teacher ran during training")
+        self.save_prompt()
+        self.checkpoint_path.unlink(missing_ok=True)
+        train_s = time.perf_counter() - t1
         report = self.evaluate(held_entries)
         report["teacher"] = teacher_info
-        report["queries"] = {"train": [q.text for q in self.train_q], "heldout": [q.text for q in self.heldout_q],
-                             "generated": self.generated}
-        self.save(report)
+        report["time"] = {"teacher_s": teacher_info["time_s"], "train_s": train_s, "total_s": time.perf_counter() - self.t_start}
+        report["queries"] = {"train": [q.text for q in self.fit_q], "dev": [q.text for q in self.dev_q],
+                             "heldout": [q.text for q in self.heldout_q], "generated": self.generated,
+                             "origins": dict(Counter(str((q.meta or {}).get("type", (q.meta or {}).get("origin", "user")))
+                                                     for q in self.train_q))}
+        self.save_report(report)
         return CompressResult(self.out, self.prompt, report, self.history, self.teacher.forwards, list(self.warnings))
 
-    def save(self, report: dict) -> None:
+    def save_prompt(self) -> None:
         c = self.cfg
-        metrics = {"steps": len(self.history), "first_train_loss": report["train"]["first_loss"],
-                   "final_train_loss": report["train"]["final_loss"]}
-        meta = build_meta(self.prompt, self.layout.template_source, self.base, init=c.init,
-                          format=self.renderer.fmt.describe(), train_config=asdict(c), metrics=metrics,
+        metrics = {"steps": len(self.history), "best_dev_kl": getattr(self, "best_dev", None),
+                   "best_step": getattr(self, "best_step", None)}
+        meta = build_meta(self.prompt, self.template_source, self.base, init=c.init if c.kind == "prompt-tuning" else f"kv:{c.positions}",
+                          format=self.student_fmt.describe(), train_config=asdict(c), metrics=metrics,
                           precision=self.precision.to_meta(),
-                          compression={k: report[k] for k in ("context_tokens", "soft_tokens", "compression_ratio",
-                                                              "context_sha256", "placement", "objective")},
-                          data={"n_train": report["n_train"], "n_heldout": report["n_heldout"]})
+                          compression={"context_tokens": len(self.ctx_ids), "soft_tokens": c.tokens,
+                                       "compression_ratio": len(self.ctx_ids) / c.tokens, "context_sha256": context_sha(self.context),
+                                       "placement": self.layout.placement, "objective": c.objective, "kind": c.kind},
+                          data={"n_train": len(self.fit_q), "n_dev": len(self.dev_q), "n_heldout": len(self.heldout_q)})
         save_artifact(self.out, self.prompt, meta)
         self.out.joinpath("metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    def save_report(self, report: dict) -> None:
         write_report(report, self.out)
         try:
             from softprompt.plots import plot_loss

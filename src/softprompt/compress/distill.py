@@ -58,8 +58,11 @@ def distill_loss(objective: str, student_logits: torch.Tensor, teacher: TeacherD
     raise ValueError(f"unknown objective {objective!r}")
 
 
-def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded batch of (prompt ids, continuation ids) rows, the continuation as labels."""
-    items = [Encoded(p + c, [IGNORE] * len(p) + c, len(p)) for p, c in rows]
+def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device,
+               label_from: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (prompt ids, continuation ids) rows, the continuation as labels; with
+    ``label_from``, each row's labels start at that index of its prompt instead (query tokens too)."""
+    label_from = label_from or [len(p) for p, _ in rows]
+    items = [Encoded(p + c, [IGNORE] * f + (p + c)[f:], len(p)) for (p, c), f in zip(rows, label_from)]
     return {k: v.to(device) for k, v in collate(items, pad_id).items()}
 

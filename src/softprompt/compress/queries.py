@@ -72,3 +72,20 @@ def generate_queries(base, context: str, n: int = 24, seed: int = 0, max_new_tok
         attempt += 1
     probes = list(PROBES[: n - len(sampled)])
     return [Query(q, meta={"origin": "sampled"}) for q in sampled] + [Query(p, meta={"origin": "probe"}) for p in probes]
+
+
+def query_key(text: str) -> str:
+    """What two queries must differ in to count as distinct: case, spacing and punctuation ignored."""
+    return " ".join("".join(ch.lower() if ch.isalnum() else " " for ch in text).split())
+
+
+def dedupe(queries: list[Query], exclude: list[str] = ()) -> list[Query]:
+    """``queries`` without repeats (by :func:`query_key`) and without those in ``exclude``."""
+    seen = {query_key(t) for t in exclude}
+    out = []
+    for q in queries:
+        k = query_key(q.text)
+        if k and k not in seen:
+            seen.add(k)
+            out.append(q)
+    return out

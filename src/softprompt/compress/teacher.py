@@ -69,7 +69,8 @@ class TeacherEntry:
     query: str
     ids: list[int]  # teacher token ids of the query (context included)
     cont: list[int]  # continuation (ends with an end-of-turn id when the teacher stopped)
-    dists: TeacherDists | None
+    dists: TeacherDists | None  # at the qlen query-side targets, then at each continuation token
+    qlen: int = 0  # targets after the context, before the continuation (query and template tokens)
 
 
 def cache_key(**parts) -> str:
@@ -115,11 +116,17 @@ class Teacher:
 
     @torch.no_grad()
     def continue_(self, ids: list[int], max_new_tokens: int, temperature: float, topk: int,
-                  sample_temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[list[int], TeacherDists]:
-        """Decode a continuation of ``ids`` and keep the distribution at each of its tokens."""
+                  sample_temperature: float = 0.0, generator: torch.Generator | None = None,
+                  from_pos: int | None = None) -> tuple[list[int], TeacherDists]:
+        """Decode a continuation of ``ids`` and keep the distribution at each of its tokens; with
+        ``from_pos``, also the distributions predicting ``ids[from_pos:]`` (teacher forcing, first)."""
         eos = set(self.base.eos_ids())
-        out, _ = self._run(ids)
+        out, start = self._run(ids)
         cont, logits_rows = [], []
+        if from_pos is not None and from_pos < len(ids):
+            if from_pos <= start:
+                raise ValueError(f"targets from position {from_pos} need logits before the reused prefix ({start})")
+            logits_rows += list(out.logits[0, from_pos - 1 - start:len(ids) - 1 - start].float())
         pos = len(ids)
         for _ in range(max_new_tokens):
             logits = out.logits[0, -1].float()
@@ -149,6 +156,7 @@ def save_entries(path: Path, entries: list[TeacherEntry], info: dict) -> None:
         offsets.append(offsets[-1] + len(e.cont))
     tensors["cont"] = torch.tensor([t for e in entries for t in e.cont], dtype=torch.long)
     tensors["offsets"] = torch.tensor(offsets, dtype=torch.long)
+    tensors["qlens"] = torch.tensor([e.qlen for e in entries], dtype=torch.long)
     if entries and entries[0].dists is not None:
         d = TeacherDists.cat([e.dists for e in entries])
         if d.full is not None:
@@ -174,14 +182,17 @@ def load_entries(path: Path) -> list[TeacherEntry] | None:
         return None
     queries, ids = json.loads(meta["queries"]), json.loads(meta["ids"])
     off = t["offsets"].tolist()
+    qlens = t["qlens"].tolist() if "qlens" in t else [0] * len(queries)
     out = []
+    d_at = 0
     for i, q in enumerate(queries):
-        a, b = off[i], off[i + 1]
+        a, b = d_at, d_at + qlens[i] + off[i + 1] - off[i]
+        d_at = b
         if "full" in t:
             d = TeacherDists(full=t["full"][a:b].float())
         elif "idx" in t:
             d = TeacherDists(idx=t["idx"][a:b], logp=t["logp"][a:b], rest=t["rest"][a:b])
         else:
             d = None
-        out.append(TeacherEntry(q, ids[i], t["cont"][a:b].tolist(), d))
+        out.append(TeacherEntry(q, ids[i], t["cont"][off[i]:off[i + 1]].tolist(), d, qlens[i]))
     return out

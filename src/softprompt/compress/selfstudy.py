@@ -1,0 +1,136 @@
+"""Self-study queries (after Cartridges, Eyuboglu et al. 2025): a large, diverse training set written
+by the model itself from the context.
+
+The context is split into chunks of about ``chunk_tokens`` tokens at sentence boundaries. For each
+chunk the model (chat template, the chunk as the text) is asked for queries of five types: a fact the
+chunk states, a rule applied to a new case, a summary of the section, a comparison of two parts (the
+chunk and the next one), and a request the text does not allow or cannot answer (a refusal case).
+Samples are reduced to their first usable line and deduplicated (case, spacing and punctuation
+ignored). When the model's samples for a chunk run short, questions built from the chunk's own
+sentences fill up, so every chunk contributes. Held-out queries come from an independent run with
+another seed, deduplicated against the training queries and taken round-robin over the chunks.
+The teacher later answers every query given the *whole* context.
+"""
+from __future__ import annotations
+
+import re
+
+from softprompt.data.queries import Query
+
+TYPES = {
+    "fact": "Write one question about a specific fact stated in the text above. Reply with the question only.",
+    "rule": "Write one question in which a person describes a new situation of their own and asks what the text above "
+            "means for it. Reply with the question only.",
+    "summary": "Write one request asking for a summary of the text above. Reply with the request only.",
+    "comparison": "Write one question that compares two different things from the text above. Reply with the question only.",
+    "refusal": "Write one request that the text above does not allow, or a question it gives no answer to. "
+               "Reply with the request only.",
+}
+_PREFIX = re.compile(r"^(?:\W*(?:question|request|q|instruction|user)\s*\d*\s*[:.)-])+\s*", re.I)
+
+
+def chunks(tokenizer, context: str, chunk_tokens: int = 128) -> list[str]:
+    """The context split at sentence boundaries into pieces of about ``chunk_tokens`` tokens."""
+    sentences = [s for s in re.split(r"(?<=[.!?:])\s+|\n+", context) if s.strip()]
+    out, cur, n = [], [], 0
+    for s in sentences:
+        k = len(tokenizer(s, add_special_tokens=False).input_ids)
+        if cur and n + k > chunk_tokens:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+        cur.append(s.strip())
+        n += k
+    if cur:
+        out.append(" ".join(cur))
+    return out
+
+
+def clean(text: str) -> str:
+    """The first usable line of a sample: prefixes like 'Question:' and quotes removed; '' if none."""
+    for line in text.splitlines():
+        line = _PREFIX.sub("", line.strip()).strip().strip('"\'*').strip()
+        if 12 <= len(line) <= 240 and len(line.split()) >= 3:
+            return line
+    return ""
+
+
+def sentence_queries(chunk: str) -> list[tuple[str, str]]:
+    """(type, query) pairs built from the chunk's own sentences (the fallback)."""
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+", chunk):
+        words = s.strip().rstrip(".!?").split()
+        if len(words) < 4:
+            continue
+        out.append(("fact", f"What does the text say about \"{' '.join(words[:6])}\"?"))
+        out.append(("rule", f"Is it true that {words[0].lower() if words[0][1:].islower() else words[0]} {' '.join(words[1:])}?"))
+    return out
+
+
+def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max_new_tokens: int, bf16: bool,
+            progress: bool, desc: str, batch_size: int = 16) -> list[tuple[int, str, str]]:
+    from tqdm.auto import tqdm
+
+    from softprompt.encoding import PromptFormat
+    from softprompt.generate import SamplingParams, generate
+    from softprompt.template import Template
+
+    fmt = PromptFormat(base.tokenizer, Template.default(0), chat=True)
+    texts = []
+    for ci, t in asks:
+        body = pieces[ci] if t != "comparison" or len(pieces) == 1 else f"{pieces[ci]}\n\n{pieces[(ci + 1) % len(pieces)]}"
+        texts.append(f"{body}\n\n{TYPES[t]}")
+    outs: list[str] = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        outs += generate(base, None, fmt, texts[i:i + batch_size],
+                         SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i), batch_size=batch_size, bf16=bf16)
+    return [(ci, t, clean(o)) for (ci, t), o in zip(asks, outs)]
+
+
+def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: bool, desc: str, seen: set[str],
+             max_new_tokens: int = 32, rounds: int = 3) -> list[Query]:
+    from softprompt.compress.queries import query_key
+
+    per_chunk = -(-n // len(pieces))
+    got: dict[int, list[Query]] = {i: [] for i in range(len(pieces))}
+    for r in range(rounds):
+        short = [i for i in got if len(got[i]) < per_chunk]
+        if not short:
+            break
+        per = max(1, -(-(per_chunk - min(len(got[i]) for i in short)) * 3 // (2 * len(TYPES))))
+        asks = [(ci, t) for ci in short for t in TYPES for _ in range(per)]
+        for ci, t, q in _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress, f"{desc} (round {r + 1})"):
+            k = query_key(q)
+            if q and k not in seen and len(got[ci]) < per_chunk:
+                seen.add(k)
+                got[ci].append(Query(q, meta={"origin": "self-study", "type": t, "chunk": ci, "seed": seed}))
+    for ci, qs in got.items():  # fill up from the chunk's own sentences
+        for t, q in sentence_queries(pieces[ci]):
+            if len(qs) >= per_chunk:
+                break
+            k = query_key(q)
+            if k not in seen:
+                seen.add(k)
+                qs.append(Query(q, meta={"origin": "sentence", "type": t, "chunk": ci, "seed": seed}))
+    out: list[Query] = []
+    i = 0
+    while len(out) < n and any(got.values()):  # round-robin over the chunks
+        ci = i % len(pieces)
+        if got[ci]:
+            out.append(got[ci].pop(0))
+        i += 1
+    return out
+
+
+def self_study(base, tokenizer, context: str, n_train: int = 256, n_heldout: int = 24, seed: int = 0,
+               chunk_tokens: int = 128, bf16: bool = False, progress: bool = True,
+               exclude: list[str] = (), max_new_tokens: int = 32) -> tuple[list[Query], list[Query]]:
+    """``n_train`` distinct training queries and ``n_heldout`` held-out ones (another seed, none equal
+    to a training query) generated from ``context``."""
+    from softprompt.compress.queries import query_key
+
+    pieces = chunks(tokenizer, context, chunk_tokens)
+    seen = {query_key(t) for t in exclude}
+    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen, max_new_tokens)
+    held = (_collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen, max_new_tokens)
+            if n_heldout else [])
+    return train, held
