@@ -110,6 +110,26 @@ def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(base, p
     assert "".join(ev[1] for ev in events["after"] if ev[0] == "delta") == reference(base, registry, "pt", TEXTS[0], SamplingParams(3))
 
 
+def test_packed_rows_are_padded_to_a_few_buckets_with_the_same_outputs():
+    """oneDNN keeps a primitive per row count (a server that saw every count from 1 to 512 grew by
+    hundreds of MB): rows are padded to about twenty bucket sizes, and the padding changes no output row."""
+    from softprompt.serve.packed import PackedLinear, bucket, packing_available
+
+    need(packing_available(torch.device("cpu")), "this torch build cannot prepack linear weights (no oneDNN)")
+    sizes = {bucket(m) for m in range(1, 513)}
+    assert len(sizes) <= 21 and all(bucket(m) >= m for m in range(1, 2000)) and bucket(16) == 16 and bucket(17) == 32
+    assert [bucket(m) for m in (1, 2, 3, 5, 9, 33, 513)] == [1, 2, 4, 8, 16, 64, 768]
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    packed = PackedLinear(lin)
+    with torch.no_grad():
+        for shape in [(1, 3, 24), (5, 24), (2, 7, 24), (1, 17, 24)]:
+            x = torch.randn(*shape)
+            y = packed(x)
+            assert y.shape == (*shape[:-1], 40)
+            torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_prepacked_linear_weights_serve_the_same_outputs(base, prompts_dir):
     """softprompt serve prepacks the linear weights for oneDNN (CPU): logits stay within 1e-5 of the
     plain model's, and a mixed batch on the packed copy gives the plain model's greedy outputs."""

@@ -10,12 +10,13 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections import Counter
 
 import httpx
 import pytest
 import yaml
-from serve_helpers import KEY_A, KEY_B, LiveServer, _err, _save, _wait, reference
+from serve_helpers import KEY_A, KEY_B, LiveServer, _err, _save, _wait, base_reference, reference
 
 from softprompt.artifact import TENSORS
 from softprompt.generate import SamplingParams
@@ -223,6 +224,37 @@ def test_a_full_queue_is_429_with_retry_after(base, prompts_dir):
         assert _err(r, 429)["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
         for t in (running, waiting):
             t.join(300)
+
+
+def test_a_request_that_waits_too_long_for_a_slot_gets_429(base, prompts_dir):
+    """With every slot taken, a waiting request (streamed or not) is answered 429 with Retry-After once
+    it has waited max_queue_wait seconds, instead of hanging; the running request is untouched."""
+    server = Server(base, Registry(base, prompts_dir), Auth(), Limits(max_tokens=200, max_queue_wait=0.5), max_batch=1,
+                    max_queue=8, watch_interval=None)
+    want = base_reference(base, base.tokenizer("hello").input_ids, SamplingParams(200))
+    step = server.engine._step
+
+    def slow_step():  # every forward takes at least 20 ms, so the running request holds its slot for seconds
+        time.sleep(0.02)
+        step()
+    server.engine._step = slow_step
+    with LiveServer(server) as s:
+        body = {"model": "base", "prompt": "hello", "max_tokens": 200, "temperature": 0}
+        box: dict = {}
+        running = threading.Thread(target=lambda: box.setdefault("r", httpx.post(s.url + "/v1/completions", json=body,
+                                                                                   timeout=300)))
+        running.start()
+        _wait(lambda: server.engine.rows)
+        r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=60)
+        err = _err(r, 429)
+        assert err["code"] == "queue_timeout" and int(r.headers["retry-after"]) >= 1 and "0.5 s" in err["message"]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "base", "messages": [X], "max_tokens": 3,
+                                                             "stream": True}, timeout=60)
+        assert _err(r, 429)["code"] == "queue_timeout"
+        running.join(300)
+        assert box["r"].status_code == 200 and box["r"].json()["choices"][0]["text"] == want
+        assert server.engine.queue_length == 0
+        assert re.search(r"^softprompt_queue_timeouts_total [1-9]", httpx.get(s.url + "/metrics").text, re.M)
 
 
 def test_keys_file_caps_are_checked(tmp_path):

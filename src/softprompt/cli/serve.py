@@ -46,6 +46,9 @@ def _add_args(p) -> None:
     p.add_argument("--tenant-max-running", type=int, default=None,
                    help="rows of one key in the running batch at once (default: no cap besides --max-batch; "
                         "keys.yaml's max_running overrides it per key)")
+    p.add_argument("--max-queue-wait", type=float, default=60.0,
+                   help="seconds a request may wait for a batch slot before it gets 429 with Retry-After (default: 60; "
+                        "0: as long as it takes)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (default: 512)")
     p.add_argument("--max-input-tokens", type=int, default=2048, help="cap on a prompt's length in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on a request body (default: 1 MiB)")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("tenant_max_queued", "tenant_max_running"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue_wait < 0:
+        raise SoftPromptError("--max-queue-wait must be 0 (no cap) or more seconds")
     import torch
     import uvicorn  # noqa: F401 - without the serve extra, fail before the model is loaded
 
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     from softprompt.serve.schemas import Limits
 
     limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes,
-                    tenant_max_queued=args.tenant_max_queued, tenant_max_running=args.tenant_max_running)
+                    tenant_max_queued=args.tenant_max_queued, tenant_max_running=args.tenant_max_running,
+                    max_queue_wait=args.max_queue_wait or None)
     if args.engine == "vllm" or args.upstream:
         if args.engine != "vllm":
             raise SoftPromptError("--upstream is for --engine vllm")

@@ -46,6 +46,12 @@ class TenantQueueFull(QueueFull):
     code = "tenant_queue_full"
 
 
+class QueueTimeout(Exception):
+    """A row waited longer than its request's ``max_wait`` for a batch slot (the error event's code)."""
+
+    code = "queue_timeout"
+
+
 class Unsupported(SoftPromptError):
     """The engine cannot run this request's prompt (its message says why and what to do)."""
 
@@ -53,7 +59,8 @@ class Unsupported(SoftPromptError):
 @dataclass
 class Request:
     """One generation request. ``emit`` receives ``("delta", text)``, then ``("done", finish_reason,
-    usage)`` or ``("error", message)``; it is called from the engine thread. With ``logprobs`` set,
+    usage)`` or ``("error", message)`` (``("error", message, "queue_timeout")`` when it waited longer
+    than ``max_wait`` seconds for a slot); it is called from the engine thread. With ``logprobs`` set,
     each generated token is first announced as ``("token", id, logprob, top)`` with the ``logprobs``
     most likely alternatives in ``top``."""
 
@@ -67,6 +74,7 @@ class Request:
     tenant: str = ""  # rows of one tenant share its caps below
     max_queued: int | None = None  # the tenant's cap on waiting rows (None: only the engine's max_queue)
     max_running: int | None = None  # the tenant's cap on running rows (None: only the engine's max_batch)
+    max_wait: float | None = None  # seconds it may wait for a batch slot (None: as long as it takes)
     error: str | None = None  # set when the engine answered this request with an error
 
     @property
@@ -195,8 +203,13 @@ class Engine:
                 cancelled, self._cancelled = self._cancelled, set()
                 if cancelled:
                     self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+                expired = self._take_expired()
                 new = self._take_admissible()
                 self.metrics.queue_length = len(self._waiting)
+            for req in expired:
+                self.metrics.queue_timeouts += 1
+                req.error = f"waited {req.max_wait:g} s for a batch slot; the server is busy, retry later"
+                req.emit(("error", req.error, QueueTimeout.code))
             for row in self.rows:
                 if row.req.id in cancelled and row.finished is None:
                     row.finished = "cancelled"
@@ -223,6 +236,14 @@ class Engine:
         req.emit(("error", message))
 
     # -- admission ---------------------------------------------------------------------------------
+    def _take_expired(self) -> list[Request]:
+        """Take the waiting requests that have waited longer than their ``max_wait``."""
+        now = time.monotonic()
+        late = [r for r in self._waiting if r.max_wait is not None and now - r.created > r.max_wait]
+        if late:
+            self._waiting = deque(r for r in self._waiting if all(r is not x for x in late))
+        return late
+
     def _take_admissible(self) -> list[Request]:
         """Take waiting requests for the free slots, in order, passing over those whose tenant already
         runs its ``max_running`` rows (they keep their place), so one tenant cannot hold every slot."""

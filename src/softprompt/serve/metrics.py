@@ -24,6 +24,7 @@ class Metrics:
         self.forwards = {"prefill": 0, "decode": 0, "mixed": 0}  # mixed: decode rows and prompt chunks together
         self.batch_size = 0
         self.queue_length = 0
+        self.queue_timeouts = 0  # rows that waited longer than their request's max_wait (answered 429)
         self.batch_rows_total = 0
         self.extra: list = []  # callables returning more exposition lines (an engine's own metrics)
 
@@ -67,6 +68,8 @@ class Metrics:
             metric("softprompt_requests_total", "counter", "HTTP requests by endpoint and status",
                    [(f'{{endpoint="{label(e)}",status="{label(s)}"}}', n) for (e, s), n in reqs])
             metric("softprompt_queue_length", "gauge", "requests waiting for a batch slot", [("", self.queue_length)])
+            metric("softprompt_queue_timeouts_total", "counter", "rows that waited too long for a batch slot (429)",
+                   [("", self.queue_timeouts)])
             metric("softprompt_batch_size", "gauge", "rows in the running batch", [("", self.batch_size)])
             metric("softprompt_forward_total", "counter", "model forwards by phase",
                    [(f'{{phase="{k}"}}', v) for k, v in self.forwards.items()])

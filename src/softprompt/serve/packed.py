@@ -8,6 +8,11 @@ smaller (28 to 23 ms for 16 rows), as bf16 already goes through oneDNN.
 
 Inference only: a packed layer has no weight gradient and no autograd, so only a model that is never
 trained again (the server's) is packed.
+
+oneDNN builds (and caches) a primitive for every input row count it sees, about 0.6 MB each for one
+SmolLM2-sized layer; the server's packed forwards take any row count from 1 to ``max_batch_tokens``,
+so a long-running server grew by hundreds of MB (bench/results/soak.md). Rows are therefore padded
+up to a few bucket sizes (:func:`bucket`): the row count of each call is one of about twenty.
 """
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+def bucket(rows: int) -> int:
+    """The padded row count for ``rows``: the next power of two up to 16 (decode batches, where a
+    forward costs the weights' reading, not the rows), then the next multiple of 32 up to 512, then
+    of 256."""
+    if rows <= 16:
+        return 1 << max(rows - 1, 0).bit_length()
+    step = 32 if rows <= 512 else 256
+    return -(-rows // step) * step
 
 
 class PackedLinear(nn.Module):
@@ -33,7 +48,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("PackedLinear is for inference: it has no autograd")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        lead, rows = x.shape[:-1], x[..., 0].numel()
+        flat = x.reshape(rows, self.in_features)
+        padded = bucket(rows)
+        if padded != rows:
+            flat = torch.cat([flat, flat.new_zeros(padded - rows, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return y[:rows].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"

@@ -29,6 +29,7 @@ class Limits:
     max_json_depth: int = 16  # cap on the nesting of a request body
     tenant_max_queued: int | None = None  # default per-tenant cap on waiting rows (keys.yaml: max_queued)
     tenant_max_running: int | None = None  # default per-tenant cap on running rows (keys.yaml: max_running)
+    max_queue_wait: float | None = 60.0  # seconds a row may wait for a batch slot before its request gets 429 (None: no cap)
 
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range (a choice's seed is seed + i)
@@ -260,12 +261,13 @@ def sampling_params(body: Body, max_tokens: int | None, prompt_len: int, limits:
 
 def engine_requests(rid: str, n: int, lp: LoadedPrompt | None, ids: list[int], params: SamplingParams,
                     emit: Callable[[int, tuple], None], logprobs: int | None = None, tenant: str = "",
-                    max_queued: int | None = None, max_running: int | None = None) -> list[GenRequest]:
+                    max_queued: int | None = None, max_running: int | None = None,
+                    max_wait: float | None = None) -> list[GenRequest]:
     """One engine row per choice: choice ``i`` is ``rid-i`` (``rid`` alone when ``n`` is 1), with the
     seed ``seed + i`` when the request is seeded; its events go to ``emit(i, event)``; every row
-    carries the tenant and its caps."""
+    carries the tenant and its caps, and the longest it may wait for a slot."""
     return [GenRequest(rid if n == 1 else f"{rid}-{i}", lp, ids,
                        replace(params, seed=None if params.seed is None else params.seed + i),
                        lambda ev, i=i: emit(i, ev), logprobs=logprobs, tenant=tenant, max_queued=max_queued,
-                       max_running=max_running)
+                       max_running=max_running, max_wait=max_wait)
             for i in range(n)]

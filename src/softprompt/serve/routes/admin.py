@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from softprompt.serve.auth import Tenant
 from softprompt.serve.errors import APIError
-from softprompt.serve.routes.deps import AdminDep, ServerDep
+from softprompt.serve.routes.deps import AdminDep, ServerDep, link
 from softprompt.serve.schemas import read_json
 
 router = APIRouter(prefix="/admin")
@@ -27,12 +27,17 @@ def _visible(server, tenant: Tenant) -> list[dict]:
     return [s for s in server.registry.status() if tenant.may_use(s["name"])]
 
 
-@router.get("/prompts")
+@router.get("/prompts", responses={200: {"description": "the prompts this admin key administers", "links": {
+    "DeletePrompt": link("/admin/prompts/{name}", "delete", "remove the first prompt", {"name": "$response.body#/prompts/0/name"}),
+    "GetPrompt": link("/v1/models/{name}", "get", "the first prompt as a model", {"name": "$response.body#/prompts/0/name"}),
+}}})
 async def admin_list(server: ServerDep, tenant: AdminDep):
     return {"prompts": _visible(server, tenant)}
 
 
-@router.put("/prompts/{name}")
+@router.put("/prompts/{name}", responses={200: {"description": "the prompt is installed", "links": {
+    "GetInstalled": link("/v1/models/{name}", "get", "the installed prompt as a model", {"name": "$request.path.name"}),
+}}})
 async def admin_put(name: str, request: Request, server: ServerDep, tenant: AdminDep):
     in_scope(tenant, name)
     data = await read_json(request, server.limits.max_admin_body_bytes)
@@ -52,7 +57,11 @@ async def admin_put(name: str, request: Request, server: ServerDep, tenant: Admi
     return {"name": name, "kind": entry.kind, "hash": entry.hash}
 
 
-@router.delete("/prompts/{name}")
+@router.delete("/prompts/{name}", responses={200: {"description": "the prompt is gone", "links": {
+    "GetDeleted": link("/v1/models/{name}", "get", "the removed prompt: 404 from now on", {"name": "$request.path.name"}),
+    "CompleteDeleted": link("/v1/completions", "post", "a completion with the removed prompt: 404",
+                            body={"model": "$request.path.name", "prompt": "hello", "max_tokens": 4}),
+}}})
 async def admin_delete(name: str, server: ServerDep, tenant: AdminDep):
     in_scope(tenant, name)
     if not await asyncio.to_thread(server.registry.remove, name):

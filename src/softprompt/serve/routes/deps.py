@@ -42,3 +42,15 @@ def admin_of(request: Request, server: ServerDep) -> Tenant:
 
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 AdminDep = Annotated[Tenant, Depends(admin_of)]
+
+
+def link(path: str, method: str, description: str, parameters: dict | None = None, body: dict | None = None) -> dict:
+    """An OpenAPI link to the operation ``method path`` (by JSON pointer), its values from runtime
+    expressions: clients and stateful fuzzers (schemathesis) follow them from one call to the next."""
+    ref = "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+    out: dict = {"operationRef": ref, "description": description}
+    if parameters:
+        out["parameters"] = parameters
+    if body:
+        out["requestBody"] = body
+    return out

@@ -13,10 +13,10 @@ from softprompt.chat import chat_ids, refusal
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams
 from softprompt.serve.auth import Tenant
-from softprompt.serve.engine import QueueFull, Unsupported
+from softprompt.serve.engine import QueueFull, QueueTimeout, Unsupported
 from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, LoadedPrompt
-from softprompt.serve.routes.deps import ServerDep, TenantDep
+from softprompt.serve.routes.deps import ServerDep, TenantDep, link
 from softprompt.serve.schemas import Body, ChatBody, CompletionBody, check_ids, engine_requests, openapi_body, parse, read_json, sampling_params
 from softprompt.serve.server import Server
 from softprompt.serve.streaming import TokenLog, event_stream, usage
@@ -49,11 +49,22 @@ def _model_card(name: str, server: Server) -> dict:
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: rows finish and leave the batch every step
 
 
+def _requeue_first(queue: asyncio.Queue, first: tuple) -> None:
+    """Put ``first`` back at the head of ``queue`` (events that arrived after it stay in order)."""
+    rest = []
+    while not queue.empty():
+        rest.append(queue.get_nowait())
+    for item in [first, *rest]:
+        queue.put_nowait(item)
+
+
 async def respond(server: Server, request: Request, tenant: Tenant, body: Body, lp: LoadedPrompt | None,
                   ids: list[int], params: SamplingParams, chat: bool, logprobs: int | None = None):
     """Submit the request's ``n`` choices (one engine row each; a seeded request gives choice ``i``
     the seed ``seed + i``) under the tenant's caps, and answer with one body or one event stream
-    for all of them. A full queue, or the tenant's full share of it, answers 429 with Retry-After."""
+    for all of them. A full queue, the tenant's full share of it, or a wait for a batch slot longer
+    than ``limits.max_queue_wait`` answers 429 with Retry-After; so that a stream can answer it too,
+    a stream's headers go out with its first event."""
     engine, tok = server.engine, server.base.tokenizer
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -64,7 +75,8 @@ async def respond(server: Server, request: Request, tenant: Tenant, body: Body, 
     if max_queued is not None and n > max_queued:
         raise APIError(400, f"n is {n}; this key may have at most {max_queued} rows waiting", param="n")
     reqs = engine_requests(rid, n, lp, ids, params, lambda i, ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
-                           logprobs=logprobs, tenant=tenant.name, max_queued=max_queued, max_running=max_running)
+                           logprobs=logprobs, tenant=tenant.name, max_queued=max_queued, max_running=max_running,
+                           max_wait=server.limits.max_queue_wait)
     try:
         engine.submit_all(reqs)
     except QueueFull as e:
@@ -78,7 +90,33 @@ async def respond(server: Server, request: Request, tenant: Tenant, body: Body, 
         for r in reqs:
             engine.cancel(r.id)
 
+    async def next_event() -> tuple[int, tuple] | None:
+        """The next engine event; None when the client went away (its rows are cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    cancel()
+                    return None
+
+    def failure(ev: tuple) -> APIError:
+        cancel()
+        if len(ev) > 2 and ev[2] == QueueTimeout.code:
+            return APIError(429, ev[1], "rate_limit_error", code=QueueTimeout.code, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(500, ev[1], "server_error")
+
     if body.stream:
+        try:
+            first = await next_event()
+        except asyncio.CancelledError:
+            cancel()
+            raise
+        if first is None:
+            return JSONResponse({}, status_code=499)
+        if first[1][0] == "error":
+            raise failure(first[1])
+        _requeue_first(queue, first)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(event_stream(queue, n, cancel, rid, body.model, created, chat, include_usage,
                                               None if logprobs is None else [TokenLog(tok, chat) for _ in range(n)]),
@@ -88,20 +126,16 @@ async def respond(server: Server, request: Request, tenant: Tenant, body: Body, 
     done: dict[int, tuple] = {}
     try:
         while len(done) < n:
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    cancel()
-                    return JSONResponse({}, status_code=499)
-                continue
+            got = await next_event()
+            if got is None:
+                return JSONResponse({}, status_code=499)
+            i, ev = got
             if ev[0] == "delta":
                 parts[i].append(ev[1])
             elif ev[0] == "token":
                 logs[i].add(*ev[1:])
             elif ev[0] == "error":
-                cancel()
-                raise APIError(500, ev[1], "server_error")
+                raise failure(ev)
             else:
                 done[i] = ev
     except asyncio.CancelledError:
@@ -118,7 +152,17 @@ async def respond(server: Server, request: Request, tenant: Tenant, body: Body, 
             "model": body.model, "choices": choices, "usage": usage([done[i][2] for i in range(n)])}
 
 
-@router.get("/models")
+MODELS_LINKS = {200: {"description": "the models (prompts) this key may use", "links": {
+    "GetModel": link("/v1/models/{name}", "get", "one model's card", {"name": "$response.body#/data/0/id"}),
+    "GetPrompt": link("/v1/prompts/{name}/details", "get", "the prompt behind a model", {"name": "$response.body#/data/1/id"}),
+    "Complete": link("/v1/completions", "post", "a completion with the first model",
+                     body={"model": "$response.body#/data/1/id", "prompt": "hello", "max_tokens": 4}),
+    "Chat": link("/v1/chat/completions", "post", "a chat completion with the first model",
+                 body={"model": "$response.body#/data/1/id", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+}}}
+
+
+@router.get("/models", responses=MODELS_LINKS)
 async def models(server: ServerDep, tenant: TenantDep):
     return {"object": "list", "data": [_model_card(n, server) for n in visible(server, tenant)]}
 
