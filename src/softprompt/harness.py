@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from tqdm import tqdm
@@ -88,11 +89,11 @@ def _device(device: str | None) -> str | None:
 class SoftPromptLM(LM):
     """lm-eval model arguments: ``model`` (base model: ``smollm2``, a local directory or a hub id;
     default: the one the prompt was trained on), ``prompt`` (a prompt artifact directory; none: the
-    bare model), ``precision`` (auto | fp32 | bf16), ``target_eos`` (score the end-of-turn token after
+    bare model), ``precision`` (auto | fp32 | bf16; default $SOFTPROMPT_PRECISION or auto), ``target_eos`` (score the end-of-turn token after
     each continuation), ``chat`` (bare model only: wrap contexts in the chat template), and lm-eval's
     ``batch_size``, ``max_batch_size`` and ``device``."""
 
-    def __init__(self, model: str | None = None, prompt: str | None = None, precision: str = "auto",
+    def __init__(self, model: str | None = None, prompt: str | None = None, precision: str | None = None,
                  target_eos: bool | str = False, chat: bool | str = False, batch_size: int | str | None = None,
                  max_batch_size: int | None = None, device: str | None = None, **unknown):
         super().__init__()
@@ -115,7 +116,7 @@ class SoftPromptLM(LM):
                                   "puts each request's context into one field, so it takes templates with exactly one")
         self.field = fields[0]
         self.target_eos = _flag(target_eos, "target_eos")
-        self.bf16 = resolve_precision(precision, self.base.device).bf16
+        self.bf16 = resolve_precision(precision or os.environ.get("SOFTPROMPT_PRECISION", "auto"), self.base.device).bf16
         self.batch_size = _batch_size(batch_size)
         tok = self.base.tokenizer
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -224,6 +225,10 @@ def main(argv: list[str]) -> int:
         sys.argv = saved
     return 0
 
+
+# lm-eval registers its own models (hf, vllm, ...) lazily, only while the registry is empty: do that
+# first, or registering ours would hide them.
+import lm_eval.models  # noqa: E402,F401
 
 if NAME not in model_registry:  # importing twice (or reloading) keeps the first registration
     register_model(NAME)(SoftPromptLM)
