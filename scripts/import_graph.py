@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
       "task_metrics")),
     ("operations", "objectives, scoring, generation, artifacts, PEFT, vLLM and TensorRT-LLM interchange",
      ("objectives", "scoring", "generate", "artifact", "peft_io", "export_formats")),
-    ("jobs", "training, evaluation, compression, interpretation", ("train", "evaluate", "compress", "interpret")),
+    ("jobs", "training, evaluation, compression, interpretation, the lm-eval harness model",
+     ("train", "evaluate", "compress", "interpret", "harness")),
     ("serving", "registry, engine, HTTP API, web studio", ("serve",)),
     ("interface", "the command line", ("cli", "__main__")),
 ]

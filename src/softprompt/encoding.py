@@ -100,12 +100,13 @@ class PromptFormat:
             ids = self._bos + ids
         return ids
 
-    def target_ids(self, target: str, prompt_text_ends_with_space: bool = True) -> list[int]:
+    def target_ids(self, target: str, prompt_text_ends_with_space: bool = True, eos: bool = True) -> list[int]:
+        """The target's ids, followed by the end-of-sequence (chat: end-of-turn) token unless ``eos`` is false."""
         if not self.chat and not prompt_text_ends_with_space and target[:1] not in (" ", "\n"):
             target = " " + target
-        return self.tok(target, add_special_tokens=False).input_ids + self._eos
+        return self.tok(target, add_special_tokens=False).input_ids + (self._eos if eos else [])
 
-    def encode(self, example: Example, with_target: bool = True, target: str | None = None) -> Encoded:
+    def encode(self, example: Example, with_target: bool = True, target: str | None = None, eos: bool = True) -> Encoded:
         prompt = self.prompt_ids(example)
         tgt: list[int] = []
         target = example.target if target is None else target
@@ -113,7 +114,7 @@ class PromptFormat:
             if target is None:
                 raise DataError("example has no target", example.source, example.line)
             rendered = self.render(example)
-            tgt = self.target_ids(target, rendered[-1:].isspace() if rendered else True)
+            tgt = self.target_ids(target, rendered[-1:].isspace() if rendered else True, eos=eos)
         ids = prompt + tgt
         if self.max_length is not None and len(ids) > self.max_length:
             raise DataError(f"example is {len(ids)} tokens, longer than the model's window of {self.max_length}",

@@ -94,8 +94,18 @@ def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_onl
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
-def sequence_logprobs(model: nn.Module, prompt: SoftPrompt | None, batch: dict, share_prefix: bool = True) -> torch.Tensor:
-    """Sum of target-token log-probabilities per row, shape [batch]."""
+def sequence_scores(model: nn.Module, prompt: SoftPrompt | None, batch: dict, share_prefix: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of its target tokens' log-probabilities, and whether every target token is the
+    model's greedy (argmax) choice; two tensors of shape [batch]."""
     logits, targets, rows = target_logits(model, prompt, batch, True, share_prefix)
     lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(batch["input_ids"].shape[0], device=lp.device).index_add_(0, rows, lp)
+    n = batch["input_ids"].shape[0]
+    total = torch.zeros(n, device=lp.device).index_add_(0, rows, lp)
+    misses = torch.zeros(n, device=lp.device).index_add_(0, rows, (logits.argmax(-1) != targets).float())
+    return total, misses == 0
+
+
+def sequence_logprobs(model: nn.Module, prompt: SoftPrompt | None, batch: dict, share_prefix: bool = True) -> torch.Tensor:
+    """Sum of target-token log-probabilities per row, shape [batch]."""
+    return sequence_scores(model, prompt, batch, share_prefix)[0]

@@ -7,8 +7,8 @@ import math
 import torch
 
 from softprompt.data.examples import Example
-from softprompt.encoding import PromptFormat, collate
-from softprompt.objectives import lm_loss, sequence_logprobs
+from softprompt.encoding import Encoded, PromptFormat, collate
+from softprompt.objectives import lm_loss, sequence_logprobs, sequence_scores
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt
 
@@ -49,6 +49,27 @@ def label_logprobs(model, prompt: SoftPrompt | None, fmt: PromptFormat, examples
     out = torch.cat(scores).view(len(examples), len(labels))
     if normalize:
         out = out / torch.tensor(lengths, dtype=torch.float).view(len(examples), len(labels))
+    return out
+
+
+@torch.no_grad()
+def continuation_scores(model, prompt: SoftPrompt | None, items: list[Encoded], pad_id: int, batch_size: int = 16,
+                        bf16: bool = False, progress=None) -> list[tuple[float, bool]]:
+    """For each encoded item: the total log-probability of its target tokens (the positions whose label
+    is not ignored) and whether every one of them is the greedy choice. Batched longest first, so rows
+    of a batch have similar lengths; ``progress(n)`` is called after each batch of n items."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(items)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], pad_id).items()}
+        with autocast(device, bf16):
+            total, greedy = sequence_scores(model, prompt, batch)
+        for j, i in enumerate(idx):
+            out[i] = (float(total[j]), bool(greedy[j]))
+        if progress:
+            progress(len(idx))
     return out
 
 
