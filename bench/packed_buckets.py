@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from softprompt import onednn  # noqa: E402
 from softprompt.base_model import load_base  # noqa: E402
 from softprompt.serve import packed  # noqa: E402
 
@@ -69,23 +70,23 @@ def main() -> None:
     plain = base.model.eval()
     pk = copy.deepcopy(plain)
     packed.pack_linears(pk)
-    exact_bucket = packed.bucket
+    exact_bucket = onednn.bucket
     res: dict = {"model": args.model, "threads": torch.get_num_threads(), "cpu": _cpu(), "repeats": args.repeats,
                  "load_avg_start": os.getloadavg()[0], "ms_per_forward": {}}
     for m in ROWS:
         row = {"plain": time_forward(plain, m, hidden, args.repeats)}
-        packed.bucket = lambda r: r  # noqa: E731 - packing without buckets, as before
+        onednn.bucket = lambda r: r  # noqa: E731 - packing without buckets, as before
         row["packed_exact"] = time_forward(pk, m, hidden, args.repeats)
-        packed.bucket = exact_bucket
+        onednn.bucket = exact_bucket
         row["packed_bucketed"] = time_forward(pk, m, hidden, args.repeats)
         row["bucket"] = exact_bucket(m)
         res["ms_per_forward"][str(m)] = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
         print(m, res["ms_per_forward"][str(m)], flush=True)
     # Memory: buckets first (they touch at most ~21 row counts), then every row count unbucketed.
     res["rss_growth_mb_after_rows_1_to_512"] = {"packed_bucketed": round(sweep_memory(pk, hidden), 1)}
-    packed.bucket = lambda r: r  # noqa: E731
+    onednn.bucket = lambda r: r  # noqa: E731
     res["rss_growth_mb_after_rows_1_to_512"]["packed_exact"] = round(sweep_memory(pk, hidden), 1)
-    packed.bucket = exact_bucket
+    onednn.bucket = exact_bucket
     out = REPO / "bench" / "results" / "packed_buckets"
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))

@@ -17,7 +17,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-VARIANTS = ["ours-fp32", "ours-bf16", "ours-bf16-noshare", "peft-fp32", "peft-bf16"]
+# ours-*-unpacked: our trainer on the base model as loaded (pack_weights off), which isolates what the
+# frozen prepacked copy (softprompt/frozen.py) buys; noshare: without running the shared prefix once.
+VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-unpacked", "ours-bf16-noshare", "peft-fp32", "peft-bf16"]
 
 
 def peak_rss_mb() -> float:
@@ -88,7 +90,8 @@ def run_variant(name: str, args) -> dict:
     bf16 = "bf16" in name
     cfg = TrainConfig(model="smollm2", template=f"[soft:{args.tokens}] Review: {{sentence}}\nSentiment:", steps=args.steps + args.warmup,
                       batch_size=args.batch_size, lr=0.03, init="vocab", bf16=bf16, device="cpu", seed=0,
-                      share_prefix=not name.endswith("noshare"))
+                      share_prefix=not name.endswith("noshare"),
+                      pack_weights=name.startswith("ours") and not name.endswith("unpacked"))
     dev, label_words = dev_examples(args.dev, Path(args.data_dir))
     trainer = Trainer(cfg, exs, None, out=Path(args.tmp) / name, base=base, progress=False)
     times, tokens, losses, flops = [], [], [], []
@@ -184,8 +187,8 @@ def main() -> None:
            "batch_size": args.batch_size, "virtual_tokens": args.tokens, "steps_timed": args.steps, "warmup_steps": args.warmup,
            "examples": args.examples, "dev_examples": args.dev, "hardware": hw,
            "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
-    head = f"{'variant':<18} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"
-    lines = [head] + [f"{r['variant']:<18} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['speedup_vs_peft_fp32']:12.2f} "
+    head = f"{'variant':<20} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"
+    lines = [head] + [f"{r['variant']:<20} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['speedup_vs_peft_fp32']:12.2f} "
                       f"{r['dev_accuracy']:8.3f} {r['achieved_gflop_s']:8.1f} {r['share_of_peak']:8.1%}" for r in rows]
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -211,7 +214,10 @@ def main() -> None:
            f"{by['peft-bf16']['step_s'] / by['ours-bf16']['step_s']:.2f}x under bf16 autocast; ours in bf16 is "
            f"{by['peft-fp32']['step_s'] / by['ours-bf16']['step_s']:.2f}x PEFT's default fp32. Running the batch's shared "
            f"prefix once (chat header, soft tokens, template text) accounts for {by['ours-bf16-noshare']['step_s'] / by['ours-bf16']['step_s']:.2f}x "
-           f"of ours in bf16 (ours-bf16-noshare turns it off). Dev accuracy (label ranking on {env['dev_examples']} SST-2 dev "
+           f"of ours in bf16 (ours-bf16-noshare turns it off); training on the frozen prepacked copy of the base "
+           f"(softprompt/frozen.py) accounts for {by['ours-fp32-unpacked']['step_s'] / by['ours-fp32']['step_s']:.2f}x in fp32 and "
+           f"{by['ours-bf16-unpacked']['step_s'] / by['ours-bf16']['step_s']:.2f}x in bf16 (the -unpacked variants turn it off). "
+           f"Dev accuracy (label ranking on {env['dev_examples']} SST-2 dev "
            f"sentences after the same steps): ours bf16 {by['ours-bf16']['dev_accuracy']:.3f}, PEFT fp32 "
            f"{by['peft-fp32']['dev_accuracy']:.3f}, PEFT bf16 {by['peft-bf16']['dev_accuracy']:.3f}. Peak RSS: ours "
            f"{by['ours-fp32']['peak_rss_mb']:.0f} MB vs PEFT {by['peft-fp32']['peak_rss_mb']:.0f} MB (fp32), "

@@ -89,6 +89,7 @@ class Outcome:
     tokens: int = 0
     retry_after: str | None = None
     error: str | None = None
+    code: str | None = None  # the error's code (429s: queue_full, tenant_queue_full, queue_timeout)
 
 
 async def send(client, job: Job) -> Outcome:
@@ -117,7 +118,7 @@ async def send(client, job: Job) -> Outcome:
         return Outcome(200, ["".join(parts[i]) for i in range(job.n)], time.perf_counter() - t0, ttft, tokens)
     except openai.APIStatusError as e:
         return Outcome(e.status_code, latency=time.perf_counter() - t0, retry_after=e.response.headers.get("retry-after"),
-                       error=str(e)[:300])
+                       error=str(e)[:300], code=getattr(e, "code", None))
     except openai.APIError as e:  # transport: connection reset, broken stream
         return Outcome(-1, latency=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:300])
 
@@ -221,6 +222,8 @@ async def _soak(url: str, jobs: list[Job], clients: int, seconds: float, hostile
         "statuses": statuses, "server_errors": sum(n for s, n in statuses.items() if s.startswith("5")),
         "transport_errors": statuses.get("-1", 0),
         "errors": sorted({o.error for _, o in results if o.status not in (200, 429) and o.error})[:10],
+        "rate_limit_codes": {c: sum(1 for _, o in results if o.status == 429 and str(o.code) == c)
+                             for c in sorted({str(o.code) for _, o in results if o.status == 429})},
         "rate_limited_without_retry_after": sum(1 for _, o in results if o.status == 429 and not o.retry_after),
         "compared": len(ok), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
         "hostile": len(hostile), "hostile_400_naming_field": sum(1 for h, _ in hostile if h),
@@ -375,6 +378,7 @@ def markdown(r: dict) -> str:
         f"| HTTP statuses | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} |",
         f"| 5xx | {r['server_errors']} |",
         f"| transport errors | {r['transport_errors']} |",
+        f"| 429s by code | {', '.join(f'{k}: {v}' for k, v in r.get('rate_limit_codes', {}).items()) or '-'} |",
         f"| 429 without Retry-After | {r['rate_limited_without_retry_after']} |",
         f"| answers compared with the same request alone | {r['compared']} |",
         f"| answers that differ | {r['mismatches']} |",

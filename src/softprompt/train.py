@@ -68,6 +68,7 @@ class TrainConfig:
     target_only_head: bool = True
     share_prefix: bool = True  # run the batch's common leading tokens once (exact)
     compile: bool = False  # torch.compile the base model's forward over the positions
+    pack_weights: bool = True  # CPU: train on a frozen copy with prepacked weights (softprompt.frozen); same loss
     device: str | None = None
 
     def prompt_template(self) -> Template:
@@ -175,14 +176,24 @@ class Trainer:
         self.opt, self.sched = self.optim.opt, self.optim.sched
         self.plan = batch_plan([len(e.ids) for e in self.encoded], cfg.batch_size, cfg.steps * cfg.grad_accum,
                                cfg.seed, bucket=cfg.bucket)
-        self.compiled = compile_forward(self.base.model, cfg.target_only_head) if cfg.compile else None
-        self.loss_fn = loss_fn or (lambda batch: lm_loss(self.base.model, self.prompt, batch, cfg.target_only_head, "sum",
+        self.model = self._training_model()
+        self.compiled = compile_forward(self.model, cfg.target_only_head) if cfg.compile else None
+        self.loss_fn = loss_fn or (lambda batch: lm_loss(self.model, self.prompt, batch, cfg.target_only_head, "sum",
                                                          share_prefix=cfg.share_prefix, compiled=self.compiled))
         self.step = 0
         self.best: dict | None = None
         self.best_tensors: dict[str, torch.Tensor] | None = None
         self.bad_evals = 0
         self.history: list[dict] = []
+
+    def _training_model(self):
+        """The model the steps and evaluations run: on CPU (unless ``pack_weights`` is off or the run is
+        compiled), a frozen copy of the base with prepacked weights in the run's precision; else the base."""
+        if not self.cfg.pack_weights or self.cfg.compile or self.device.type != "cpu":
+            return self.base.model
+        from softprompt.frozen import fast_frozen_copy
+
+        return fast_frozen_copy(self.base.model, torch.bfloat16 if self.bf16 else torch.float32) or self.base.model
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -212,9 +223,9 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         self.prompt.eval()
-        out = {"step": self.step, "dev_loss": mean_loss(self.base.model, self.prompt, self.fmt, self.dev_set, bf16=self.bf16)}
+        out = {"step": self.step, "dev_loss": mean_loss(self.model, self.prompt, self.fmt, self.dev_set, bf16=self.bf16)}
         if self.labels:
-            out["dev_accuracy"] = label_accuracy(self.base.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.bf16)
+            out["dev_accuracy"] = label_accuracy(self.model, self.prompt, self.fmt, self.dev_set, self.labels, bf16=self.bf16)
         self.prompt.train()
         return out
 

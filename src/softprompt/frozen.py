@@ -1,0 +1,82 @@
+"""A frozen base model made fast for prompt training on CPU.
+
+A soft prompt's gradient needs only the *input* gradient of every linear layer (``dx = dy W``),
+never a weight gradient. So the training copy of the base keeps each linear weight prepacked for
+oneDNN twice, once as ``W`` for the forward and once as ``W^T`` for the backward, and drops the
+plain weights: both products then skip the per-call repacking a plain ``nn.Linear`` pays (the
+serving path's trick, :mod:`softprompt.serve.packed`, extended with a backward). In bf16 the copy's
+weights are bf16 once, instead of autocast casting fp32 weights in every forward.
+
+Row counts are padded to :func:`softprompt.onednn.bucket` sizes, so a long run over batches of many
+lengths keeps a bounded set of oneDNN primitives.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from softprompt.onednn import pack, packed_mm, packing_available
+
+log = logging.getLogger(__name__)
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """``y = x W^T + b`` whose backward gives ``dx = dy W`` only (the weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.bwd, ctx.shape, ctx.dtype = bwd, x.shape, x.dtype
+        flat = x.reshape(-1, x.shape[-1]).to(fwd.dtype)
+        return packed_mm(flat, fwd, bias).reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat = grad.reshape(-1, grad.shape[-1]).to(ctx.bwd.dtype).contiguous()
+        dx = packed_mm(flat, ctx.bwd, None).reshape(ctx.shape).to(ctx.dtype)
+        return dx, None, None, None
+
+
+class FrozenLinear(nn.Module):
+    """A frozen ``nn.Linear`` with its weight prepacked for the forward and, transposed, for the
+    input gradient. No weight gradient, ever."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.register_buffer("fwd", pack(w), persistent=False)
+        self.register_buffer("bwd", pack(w.t().contiguous()), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinearFn.apply(x, self.fwd, self.bwd, self.bias)
+        flat = x.reshape(-1, x.shape[-1]).to(self.fwd.dtype)
+        return packed_mm(flat, self.fwd, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen, packed=oneDNN (forward and input gradient)"
+
+
+def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """A copy of ``model`` for prompt training: weights in ``dtype``, every linear layer a
+    :class:`FrozenLinear`; None where oneDNN prepacking is unavailable (not on CPU, or this torch
+    build lacks it), in which case training runs on the model as it is."""
+    device = next(model.parameters()).device
+    if not packing_available(device):
+        return None
+    fast = copy.deepcopy(model).to(dtype)
+    fast.requires_grad_(False)
+    n = 0
+    for module in list(fast.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, FrozenLinear(child))
+                n += 1
+    fast.eval()
+    log.info("training on a frozen copy of the base: %d linear layers prepacked (forward and input gradient), %s", n,
+             str(dtype).removeprefix("torch."))
+    return fast

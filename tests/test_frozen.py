@@ -1,0 +1,66 @@
+"""The frozen training copy (softprompt/frozen.py): linear layers prepacked for the forward and the
+input gradient give nn.Linear's outputs and input gradients, no weight gradient, and training on the
+copy follows training on the base step for step (fp32) while the base stays untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from strict import need
+
+from softprompt.artifact import load_artifact
+from softprompt.data.readers import read_examples
+from softprompt.frozen import FrozenLinear, fast_frozen_copy
+from softprompt.onednn import packing_available
+from softprompt.train import TrainConfig, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _onednn():
+    need(packing_available(torch.device("cpu")), "this torch build cannot prepack linear weights (no oneDNN)")
+
+@pytest.mark.parametrize("shape", [(1, 3, 24), (5, 24), (2, 9, 24), (1, 40, 24)])
+def test_frozen_linear_matches_linear_forward_and_input_gradient(shape):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    fl = FrozenLinear(lin)
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(*shape[:-1], 40)
+    y, y_ref = fl(x), lin(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert not list(fl.parameters())  # nothing a weight gradient could reach
+    with torch.no_grad():
+        torch.testing.assert_close(fl(x), lin(x), rtol=1e-5, atol=1e-5)
+
+def test_fast_copy_gives_the_base_logits_and_leaves_the_base_alone(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    fast = fast_frozen_copy(tiny.model)
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    ids = torch.tensor([tiny.tokenizer("the movie was bad").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, tiny.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
+    assert any(type(m) is torch.nn.Linear for m in tiny.model.modules())  # the base keeps its own layers
+
+@pytest.mark.parametrize("kind", ["prompt-tuning", "p-tuning", "prefix"])
+def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir, sentiment_files, tmp_path, kind):
+    data = read_examples(sentiment_files[0])
+    runs = {}
+    for pack in (False, True):
+        cfg = TrainConfig(model=str(tiny_dir), kind=kind, tokens=4, steps=6, batch_size=4, lr=0.05, init="random", seed=0,
+                          device="cpu", precision="fp32", pack_weights=pack)
+        t = Trainer(cfg, data, data[:4], tmp_path / f"{kind}-{pack}", base=tiny, progress=False)
+        assert (t.model is tiny.model) == (not pack)
+        res = t.run()
+        runs[pack] = (res, [h["loss"] for h in t.history if "loss" in h])
+    (plain, plain_losses), (fast, fast_losses) = runs[False], runs[True]
+    assert len(plain_losses) == 6
+    assert plain_losses[-1] < plain_losses[0]
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
+    a, b = load_artifact(plain.out).prompt.export_tensors(), load_artifact(fast.out).prompt.export_tensors()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
