@@ -46,14 +46,17 @@ def test_fast_copy_gives_the_base_logits_and_leaves_the_base_alone(tiny):
     assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
     assert any(type(m) is torch.nn.Linear for m in tiny.model.modules())  # the base keeps its own layers
 
-@pytest.mark.parametrize("kind", ["prompt-tuning", "p-tuning", "prefix"])
-def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir, sentiment_files, tmp_path, kind):
+@pytest.mark.parametrize("kind,precision", [("prompt-tuning", "fp32"), ("p-tuning", "fp32"), ("prefix", "fp32"),
+                                            ("prompt-tuning", "bf16")])
+def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir, sentiment_files, tmp_path, kind, precision):
+    """fp32: the same losses and prompt as training on the base; bf16: the copy's bf16 weights give
+    autocast's products (the base under autocast casts the same weights to bf16 at every call)."""
     data = read_examples(sentiment_files[0])
     runs = {}
     for pack in (False, True):
         cfg = TrainConfig(model=str(tiny_dir), kind=kind, tokens=4, steps=6, batch_size=4, lr=0.05, init="random", seed=0,
-                          device="cpu", precision="fp32", pack_weights=pack)
-        t = Trainer(cfg, data, data[:4], tmp_path / f"{kind}-{pack}", base=tiny, progress=False)
+                          device="cpu", precision=precision, pack_weights=pack)
+        t = Trainer(cfg, data, data[:4], tmp_path / f"{kind}-{precision}-{pack}", base=tiny, progress=False)
         assert (t.model is tiny.model) == (not pack)
         res = t.run()
         runs[pack] = (res, [h["loss"] for h in t.history if "loss" in h])

@@ -5,7 +5,7 @@ never a weight gradient. So the training copy of the base keeps each linear weig
 oneDNN twice, once as ``W`` for the forward and once as ``W^T`` for the backward, and drops the
 plain weights: both products then skip the per-call repacking a plain ``nn.Linear`` pays (the
 serving path's trick, :mod:`softprompt.serve.packed`, extended with a backward). In bf16 the copy's
-weights are bf16 once, instead of autocast casting fp32 weights in every forward.
+linear weights are bf16 once, instead of autocast casting the fp32 weights in every forward.
 
 Row counts are padded to :func:`softprompt.onednn.bucket` sizes, so a long run over batches of many
 lengths keeps a bounded set of oneDNN primitives.
@@ -43,13 +43,13 @@ class FrozenLinear(nn.Module):
     """A frozen ``nn.Linear`` with its weight prepacked for the forward and, transposed, for the
     input gradient. No weight gradient, ever."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
+        w = linear.weight.detach().to(dtype or linear.weight.dtype)
         self.register_buffer("fwd", pack(w), persistent=False)
         self.register_buffer("bwd", pack(w.t().contiguous()), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(w.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -62,19 +62,21 @@ class FrozenLinear(nn.Module):
 
 
 def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module | None:
-    """A copy of ``model`` for prompt training: weights in ``dtype``, every linear layer a
-    :class:`FrozenLinear`; None where oneDNN prepacking is unavailable (not on CPU, or this torch
-    build lacks it), in which case training runs on the model as it is."""
+    """A copy of ``model`` for prompt training whose linear layers are :class:`FrozenLinear` with
+    weights in ``dtype`` (their products then run in ``dtype``, as under autocast, without casting the
+    weights at every call); the other layers (embeddings, norms) keep their dtype, so the numerics
+    are the autocast path's. None where oneDNN prepacking is unavailable (not on CPU, or this torch
+    build lacks it): training then runs on the model as it is."""
     device = next(model.parameters()).device
     if not packing_available(device):
         return None
-    fast = copy.deepcopy(model).to(dtype)
+    fast = copy.deepcopy(model)
     fast.requires_grad_(False)
     n = 0
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, name, FrozenLinear(child))
+                setattr(module, name, FrozenLinear(child, dtype))
                 n += 1
     fast.eval()
     log.info("training on a frozen copy of the base: %d linear layers prepacked (forward and input gradient), %s", n,
