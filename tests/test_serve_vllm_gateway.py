@@ -126,3 +126,25 @@ def test_all_upstreams_down_is_a_clear_error(tiny_dir, prompts_dir):
     with LiveServer(server) as s:
         err = _err(httpx.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 2}, timeout=30), 500)
         assert "no vLLM upstream could serve" in err["message"] or "unreachable" in err["message"]
+
+
+def test_a_request_waiting_too_long_for_an_upstream_slot_gets_429(tiny_dir, prompts_dir, base):
+    """--max-queue-wait holds for the gateway too: with its one upstream slot taken by a slow request,
+    a second request is answered 429 queue_timeout with Retry-After; the first one completes."""
+    import threading
+
+    with FakeVLLM(base.model, base.tokenizer, [-1]) as slow:  # no end-of-sequence: every request runs max_tokens
+        slow.delay = 0.1
+        server = build_vllm_server(str(tiny_dir), prompts_dir, [slow.url], max_inflight=1, health_interval=60,
+                                   limits=Limits(max_tokens=64, max_queue_wait=0.5))
+        with LiveServer(server) as s:
+            box: dict = {}
+            t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(
+                s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 30, "temperature": 0}, timeout=120)))
+            t.start()
+            _wait(lambda: slow.bodies)
+            r = httpx.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "y", "max_tokens": 2}, timeout=60)
+            err = _err(r, 429)
+            assert err["code"] == "queue_timeout" and int(r.headers["retry-after"]) >= 1
+            t.join(120)
+            assert box["r"].status_code == 200 and box["r"].json()["usage"]["completion_tokens"] == 30

@@ -24,6 +24,7 @@ class FakeVLLM:
         self.model, self.tok, self.eos = model, tokenizer, set(eos_ids)
         self.bodies: list[dict] = []
         self.fail = self.down = False
+        self.delay = 0.0  # seconds per streamed token (a slow upstream)
         self.lock = threading.Lock()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,6 +52,7 @@ class FakeVLLM:
             def stream():
                 text_so_far = ""
                 for i, t in enumerate(out):
+                    time.sleep(self.delay)
                     text = self.tok.decode(out[:i + 1], skip_special_tokens=True)
                     delta, text_so_far = text[len(text_so_far):], text
                     yield "data: " + json.dumps({"choices": [{"index": 0, "text": delta, "token_ids": [t],

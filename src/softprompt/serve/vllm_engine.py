@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from softprompt.errors import SoftPromptError
-from softprompt.serve.engine import QueueFull, Request, Unsupported
+from softprompt.serve.engine import QueueFull, QueueTimeout, Request, Unsupported
 from softprompt.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -259,8 +259,18 @@ class VLLMEngine:
     async def _serve(self, f: _Flight) -> None:
         req = f.req
         try:
-            async with self._sem:
+            wait = req.max_wait - (time.monotonic() - req.created) if req.max_wait is not None else None
+            try:
+                await asyncio.wait_for(self._sem.acquire(), wait)
+            except asyncio.TimeoutError:
+                self.metrics.queue_timeouts += 1
+                req.emit(("error", f"waited {req.max_wait:g} s for an upstream slot; the server is busy, retry later",
+                          QueueTimeout.code))
+                return
+            try:
                 await self._forward(f)
+            finally:
+                self._sem.release()
         except asyncio.CancelledError:
             self.cancelled_rows += 1
         except UpstreamError as e:
