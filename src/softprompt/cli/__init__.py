@@ -14,7 +14,7 @@ import sys
 from softprompt import __version__
 from softprompt.errors import SoftPromptError
 
-COMMANDS = ["train", "generate", "info", "export_import", "eval", "compress", "inspect", "harden", "serve"]
+COMMANDS = ["train", "generate", "info", "export_import", "eval", "compress", "compressor", "inspect", "harden", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
