@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compressor:
         from softprompt.cli.compressor import run_compress
 
-        return run_compress(args)
+        return run_compress(args, read_context(args.context), _baselines(args.baselines))
     out = Path(args.out)
     if not args.overwrite and not args.resume and (out / "prompt.json").exists():
         raise SoftPromptError(f"{out} already holds a prompt: pass --overwrite to replace it")

@@ -39,6 +39,8 @@ def register(sub) -> None:
                                                                  "never trained on (default 0.1)")
     d.add_argument("--dev-share", type=float, default=0.05, help="share of contexts (by hash) for early stopping (0.05)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="teacher continuation length (default 16)")
+    d.add_argument("--cache-dir", help="where queries and teacher targets are cached (default: --out); runs on the same "
+                                       "contexts can share it")
     d.add_argument("--chunk-tokens", type=int, default=256, help="self-study chunk length (default 256)")
     o = t.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=200, help="at most this many steps (default 200; early stopping)")
@@ -92,7 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
                       query_source=args.query_source, chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens,
                       steps=args.steps, contexts_per_step=args.contexts_per_step, lr=args.lr, projector_lr=args.projector_lr,
                       eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
-                      device=args.device, resume=args.resume)
+                      device=args.device, resume=args.resume, cache_dir=args.cache_dir)
     base = load_base(args.model, device=args.device)
     train, dev, n_eval = select(contexts, base.tokenizer, args)
     say = (lambda m: print(f"softprompt: {m}", file=sys.stderr))
@@ -105,10 +107,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compress(args: argparse.Namespace) -> int:
-    """``softprompt compress --compressor DIR``: one forward (and ``--refine N`` steps of distillation)."""
+def run_compress(args: argparse.Namespace, context: str, baselines: tuple[str, ...]) -> int:
+    """``softprompt compress --compressor DIR`` on the context read by ``compress``: one forward (and
+    ``--refine N`` steps of distillation)."""
     from softprompt.base_model import load_base
-    from softprompt.cli.compress import _baselines, read_context
     from softprompt.compress.amortized.store import AmortizedCompressor
     from softprompt.compress.report import format_text
     from softprompt.data.queries import read_queries
@@ -118,7 +120,6 @@ def run_compress(args: argparse.Namespace) -> int:
         raise SoftPromptError(f"{out} already holds a prompt: pass --overwrite to replace it")
     if args.refine < 0:
         raise SoftPromptError(f"--refine must be >= 0 (got {args.refine})")
-    context = read_context(args.context)
     base = load_base(args.model, device=args.device) if args.model else None
     comp = AmortizedCompressor.load(args.compressor, base=base, device=args.device, precision=args.precision)
     if not args.refine:
@@ -131,7 +132,7 @@ def run_compress(args: argparse.Namespace) -> int:
     res = refine(comp, context, out, args.refine, queries, progress=not args.quiet,
                  warn=lambda m: print(f"softprompt: warning: {m}", file=sys.stderr), n_queries=args.n_queries,
                  n_heldout=args.n_heldout, max_new_tokens=args.max_new_tokens, lr=args.lr, batch_size=args.batch_size,
-                 seed=args.seed, baselines=_baselines(args.baselines), patience=args.patience, topk=args.topk)
+                 seed=args.seed, baselines=baselines, patience=args.patience, topk=args.topk)
     print(format_text(res.report))
     print(f"\nsaved {res.out} (report: {res.out / 'compression_report.md'})")
     return 0

@@ -64,6 +64,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str | None = None
     resume: bool = False
+    cache_dir: str | None = None  # queries and teacher targets (default: OUT); runs on the same contexts can share it
 
 
 @dataclass
@@ -107,15 +108,16 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.base.device)
         self.bf16 = self.precision.bf16
         self.history: list[dict] = []
+        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else self.out
 
     # -- data --------------------------------------------------------------------------------------
     def _item(self, ctx: Context) -> Item:
         c = self.cfg
         job = context_job(self.base, ctx.text, c.form, c.memory, self.out, c.placement, max_new_tokens=c.max_new_tokens,
                           topk=c.topk, seed=c.seed, precision="bf16" if self.bf16 else "fp32",
-                          cache_dir=str(self.out / "teacher_cache"))
+                          cache_dir=str(self.cache / "teacher_cache"))
         qs = make_queries(job, c.queries_per_context, c.query_source, c.seed, c.chunk_tokens, ctx.questions,
-                          self.out / "queries" / f"{ctx.sha}.json")
+                          self.cache / "queries" / f"{c.query_source}-{c.queries_per_context}-{ctx.sha}.json")
         job.queries = qs
         job._check_window()
         entries, _ = job.teacher_entries("train", qs)
