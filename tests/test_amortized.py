@@ -71,10 +71,12 @@ def test_the_prompt_is_what_generate_uses_after_save_and_load(tiny, tiny_dir, tm
     tr = Trainer(_cfg(form=form, steps=4), ctx[:4], ctx[4:], tmp_path / "c", base=tiny, progress=False)
     tr.prepare()
     tr.train()
-    tr.save()
+    trained = tr.save()
     comp = Compressor.load(tmp_path / "c", base=tiny)
     text = _context(40)  # a context never seen in training
     direct = comp.prompt(text)
+    for k, v in trained.prompt(text).export_tensors().items():  # loading restores the trained compressor exactly
+        assert torch.equal(v, direct.export_tensors()[k]), k
     path, prompt, _ = comp.compress(text, tmp_path / "p")
     art = load_artifact(path, base=tiny)
     assert art.kind == ("prefix" if form == "kv" else "prompt-tuning")
