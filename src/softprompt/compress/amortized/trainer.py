@@ -216,6 +216,12 @@ class Trainer:
         elif ck.exists():
             ck.unlink()
         self.history = st["history"]
+        if not c.resume and self.dev_items:  # the starting point: dev KL of the initial compressor
+            enc.eval()
+            dev0 = self.dev_kl()
+            enc.train()
+            self.history.append({"type": "eval", "step": 0, "dev_kl": dev0})
+            st.update(best=dev0, best_state={k: v.detach().clone() for k, v in enc.state_dict().items()})
         bar = tqdm(total=c.steps, initial=st["step"], desc="compressor", unit="step", disable=not self.progress, dynamic_ncols=True)
         self.stopped_early = False
         for step in range(st["step"] + 1, c.steps + 1):
