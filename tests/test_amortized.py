@@ -221,3 +221,19 @@ def test_refine_continues_from_the_compressors_prompt(tiny, tiny_dir, tmp_path, 
     assert report["train"]["steps"] == 3
     start = Compressor.load(tmp_path / "c", base=tiny).prompt(_context(33))
     assert not torch.equal(start.export_tensors()["prefix_key_values"], art.tensors["prefix_key_values"])
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_compressor_loads_and_compresses(smollm2, tmp_path):
+    from conftest import REPO
+
+    from softprompt.artifact import load_artifact
+    from softprompt.generate import SamplingParams, generate
+
+    comp = Compressor.load(REPO / "examples" / "compressors" / "smollm2-kv16", base=smollm2)
+    assert comp.form == "kv" and comp.memory == 16
+    path, prompt, _ = comp.compress(_context(3) * 2, tmp_path / "p")
+    art = load_artifact(path, base=smollm2)
+    assert art.kind == "prefix" and art.prompt.n_virtual == 16 + len(comp.job(_context(3) * 2).head_ids)
+    out = generate(smollm2, art.prompt, art.prompt_format(smollm2), ["Who built the lighthouse?"], SamplingParams(8))
+    assert out[0].strip()

@@ -96,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
                       device=args.device, resume=args.resume, cache_dir=args.cache_dir)
     base = load_base(args.model, device=args.device)
+    args.min_tokens = max(args.min_tokens, args.memory)  # a kv prompt keeps no more positions than the context has
     train, dev, n_eval = select(contexts, base.tokenizer, args)
     say = (lambda m: print(f"softprompt: {m}", file=sys.stderr))
     say(f"{len(contexts)} contexts read; {n_eval} reserved for evaluation (never trained on)")
