@@ -237,3 +237,22 @@ def test_the_shipped_smollm2_compressor_loads_and_compresses(smollm2, tmp_path):
     assert art.kind == "prefix" and art.prompt.n_virtual == 16 + len(comp.job(_context(3) * 2).head_ids)
     out = generate(smollm2, art.prompt, art.prompt_format(smollm2), ["Who built the lighthouse?"], SamplingParams(8))
     assert out[0].strip()
+
+
+def test_a_registered_context_serves_the_compressors_prompt(tiny, tmp_path):
+    from softprompt.serve.from_context import register_context
+    from softprompt.serve.registry import Registry
+
+    ctx = _contexts(5)
+    tr = Trainer(_cfg(form="kv", steps=2), ctx[:4], ctx[4:], tmp_path / "c", base=tiny, progress=False)
+    tr.prepare()
+    tr.train()
+    comp = tr.save()
+    (tmp_path / "prompts").mkdir()
+    reg = Registry(tiny, tmp_path / "prompts")
+    register_context(reg, comp, "harbor", _context(21))
+    served = reg.get("harbor")
+    want = comp.prompt(_context(21)).export_tensors()
+    assert served is not None and served.artifact.kind == "prefix"
+    assert all(torch.equal(v, served.artifact.tensors[k]) for k, v in want.items())
+    assert served.artifact.meta["compression"]["method"] == "amortized"
