@@ -197,7 +197,16 @@ def test_cli_bad_input_exits_2_with_one_line(tiny, tiny_dir, other_tiny_dir, tmp
     assert not (tmp_path / "p").exists()
     with pytest.raises(Exception, match="not a compressor"):
         AmortizedCompressor.load(tmp_path / "nothing", base=tiny)
-    assert main(common + ["--contexts", str(cfile), "--resume"]) == 2  # no checkpoint (and one context is too few)
+    assert main(common + ["--contexts", str(cfile), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no checkpoint" in err and len(err.splitlines()) == 1
+    assert main(common + ["--contexts", str(cfile)]) == 2  # a compressor is in --out already
+    err = capsys.readouterr().err.strip()
+    assert "already holds a compressor" in err and len(err.splitlines()) == 1
+    argv = common[:4] + ["--out", str(tmp_path / "c2"), "--contexts", str(cfile), "--min-tokens", "8", "--quiet"]
+    assert main(argv) == 2  # one context: none left to hold out
+    err = capsys.readouterr().err.strip()
+    assert "no held-out (dev) contexts" in err and len(err.splitlines()) == 1
 
 
 def test_refine_continues_from_the_compressors_prompt(tiny, tiny_dir, tmp_path, capsys):

@@ -87,6 +87,10 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / META).exists() and not (args.overwrite or args.resume):
         raise SoftPromptError(f"{out} already holds a compressor: pass --overwrite to replace it")
+    from softprompt.compress.amortized.trainer import CHECKPOINT
+
+    if args.resume and not (out / CHECKPOINT).exists():
+        raise SoftPromptError(f"--resume: no checkpoint in {out} (nothing to resume)")
     contexts = read_contexts(args.contexts)
     if not contexts:
         raise SoftPromptError(f"no contexts found in {' '.join(args.contexts)}")
@@ -99,8 +103,8 @@ def run_train(args: argparse.Namespace) -> int:
     args.min_tokens = max(args.min_tokens, args.memory)  # a kv prompt keeps no more positions than the context has
     train, dev, n_eval = select(contexts, base.tokenizer, args)
     say = (lambda m: print(f"softprompt: {m}", file=sys.stderr))
+    trainer = Trainer(cfg, train, dev, out, base=base, progress=not args.quiet, say=say)  # validates first
     say(f"{len(contexts)} contexts read; {n_eval} reserved for evaluation (never trained on)")
-    trainer = Trainer(cfg, train, dev, out, base=base, progress=not args.quiet, say=say)
     comp = trainer.run()
     m = comp.meta["metrics"]
     print(f"saved compressor {out}: {comp.form} form, {comp.memory} memory tokens, {m['steps']} steps, "
