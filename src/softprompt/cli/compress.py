@@ -63,6 +63,10 @@ def register(sub) -> None:
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--lr", type=float, default=0.03)
     o.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compressor", help="a trained compressor (softprompt compressor train): one forward instead of "
+                                        "training; --tokens and the student options come from it")
+    p.add_argument("--refine", type=int, default=0, metavar="N", help="with --compressor: N steps of per-context "
+                                                                      "distillation from its prompt (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -92,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from softprompt.compress import CompressConfig, Compressor, read_queries
     from softprompt.compress.report import format_text
 
+    if args.compressor:
+        from softprompt.cli.compressor import run_compress
+
+        return run_compress(args, read_context(args.context), _baselines(args.baselines))
     out = Path(args.out)
     if not args.overwrite and not args.resume and (out / "prompt.json").exists():
         raise SoftPromptError(f"{out} already holds a prompt: pass --overwrite to replace it")
