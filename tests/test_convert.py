@@ -142,3 +142,30 @@ def test_bad_input_is_one_line_exit_2(tiny_dir, prompts_dir, tmp_path):
         assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_instruction_prefix_converts(smollm2, tmp_path):
+    """On SmolLM2: a prefix holding the model's own keys/values for an instruction (what the model
+    computes reading it) converts into 8 soft rows that are closer to it than the bare model."""
+    from softprompt.artifact import build_meta, save_artifact
+    from softprompt.prompts import PrefixTuning
+
+    tok = smollm2.tokenizer
+    ids = tok("Answer every message with exactly one word in French.", add_special_tokens=False).input_ids
+    prefix = PrefixTuning.create(len(ids), smollm2, smollm2.embedding.weight[ids].detach())
+    prefix.eval()
+    save_artifact(tmp_path / "prefix", prefix, build_meta(prefix, "{input}", smollm2, format={"chat": True, "system": None}))
+    examples = [Example({"input": f"Tell me about {t}."}) for t in
+                ["the sea", "cats", "winter", "bread", "music", "the moon", "trains", "coffee", "rain", "books", "football",
+                 "the city", "flowers", "summer", "a dog", "the night", "apples", "the river", "snow", "a friend",
+                 "mountains", "the kitchen", "birds", "the sun", "a school", "cheese", "the forest", "a car", "the wind", "tea",
+                 "the garden", "a song", "the beach", "a horse", "the stars", "chocolate"]]
+    t0 = time.time()
+    cfg = ConvertConfig(tokens=8, init="text:Answer with one word in French.", steps=40, max_new_tokens=8, n_heldout=6, lr=0.05,
+                        batch_size=6, patience=0)
+    res = convert_prompt(tmp_path / "prefix", tmp_path / "pt", cfg, examples, base=smollm2, progress=False)
+    fid = res.report["fidelity"]
+    assert fid["converted"]["kl_per_token"] < fid["no_prompt"]["kl_per_token"], fid
+    assert load_artifact(res.out, base=smollm2).kind == "prompt-tuning"
+    assert time.time() - t0 < 240
