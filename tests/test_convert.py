@@ -87,6 +87,20 @@ def test_report_has_task_accuracy_from_recorded_labels(base, prefix_dir, tmp_pat
     assert {"before", "after", "no_prompt"} <= set(task)
 
 
+def test_prompt_is_saved_before_the_report(base, prefix_dir, tmp_path, monkeypatch):
+    """A failure while the report is made never loses the trained prompt."""
+    from softprompt.compress.convert import Converter
+
+    def broken(self, held):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(Converter, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="report failed"):
+        convert_prompt(prefix_dir, tmp_path / "pt", ConvertConfig(steps=5, max_new_tokens=4), base=base, progress=False)
+    assert load_artifact(tmp_path / "pt", base=base).kind == "prompt-tuning"
+    assert not (tmp_path / "pt" / "convert_report.json").exists()
+
+
 def test_p_tuning_target(base, prefix_dir, tmp_path):
     cfg = ConvertConfig(to="p-tuning", steps=10, max_new_tokens=4, kind_options={"encoder": "mlp"})
     res = convert_prompt(prefix_dir, tmp_path / "pt", cfg, [Example({"input": t}) for t in _inputs(20)], base=base, progress=False)
