@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 DATA = REPO.parent / "shared" / "data"
 BODY = "Review: {sentence}\nSentiment:"
 
@@ -28,10 +29,14 @@ def main() -> int:
     ap.add_argument("--n-heldout", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--note", default="")
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from bench/results/convert_prefix.json")
     args = ap.parse_args()
+    if args.render:
+        render(json.loads((RESULTS / "convert_prefix.json").read_text()))
+        return 0
 
     from softprompt.base_model import load_base
-    from softprompt.compress.convert import ConvertConfig, convert_prompt, format_convert_report
+    from softprompt.compress.convert import ConvertConfig, convert_prompt
     from softprompt.data import load_recipe, load_split
     from softprompt.hardware import hardware_line, hardware_report
     from softprompt.train import TrainConfig, Trainer
@@ -54,17 +59,26 @@ def main() -> int:
     convert_s = time.perf_counter() - t0
     hw = hardware_line(hardware_report(measure=False))
     report = {**res.report, "bench": {"hardware": hw, "note": args.note, "prefix_train_s": round(prefix_s, 1),
-                                      "convert_s": round(convert_s, 1), "prefix_steps": args.prefix_steps}}
-    out = REPO / "bench" / "results"
-    (out / "convert_prefix.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = (f"# bench/convert_prefix.py\n\n{hw}\n\n" + (f"{args.note}\n\n" if args.note else "")
-          + f"A prefix-tuning prompt (20 positions, {args.prefix_steps} steps of batch 8 on SST-2, SmolLM2) converted into "
-          f"prompt tuning with `softprompt.compress.convert_prompt` ({args.steps} steps at most, lr {args.lr}, "
-          f"{args.n_queries} SST-2 training sentences as queries, {args.n_heldout} dev sentences held out). Prefix training "
-          f"took {prefix_s:.0f} s, the conversion {convert_s:.0f} s.\n\n" + format_convert_report(res.report).split("\n", 2)[2])
-    (out / "convert_prefix.md").write_text(md)
-    print(md)
+                                      "convert_s": round(convert_s, 1), "prefix_steps": args.prefix_steps, "steps": args.steps,
+                                      "lr": args.lr, "n_queries": args.n_queries, "n_heldout": args.n_heldout}}
+    (RESULTS / "convert_prefix.json").write_text(json.dumps(report, indent=2) + "\n")
+    render(report)
     return 0
+
+
+def render(report: dict) -> None:
+    """bench/results/convert_prefix.md from the report (``--render`` redoes it from the JSON)."""
+    from softprompt.compress.convert import format_convert_report
+
+    b = report["bench"]
+    md = (f"# bench/convert_prefix.py\n\n{b['hardware']}\n\n" + (f"{b['note']}\n\n" if b["note"] else "")
+          + f"A prefix-tuning prompt (20 positions, {b['prefix_steps']} steps of batch 8 on SST-2, SmolLM2) converted into "
+          f"prompt tuning with `softprompt.compress.convert_prompt` ({b['steps']} steps at most, lr {b['lr']}, "
+          f"{b['n_queries']} SST-2 training sentences as queries, {b['n_heldout']} dev sentences held out). Prefix training "
+          f"took {b['prefix_train_s']:.0f} s, the conversion {b['convert_s']:.0f} s.\n\n"
+          + format_convert_report(report).split("\n", 2)[2])
+    (RESULTS / "convert_prefix.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

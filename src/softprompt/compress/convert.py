@@ -377,7 +377,7 @@ def format_convert_report(r: dict) -> str:
     conv, none = f["converted"], f["no_prompt"]
     closed = conv.get("kl_gap_closed")
     lines = [f"# {r['source_kind']} -> {r['to']}: {r['source']}", "",
-             f"{r['soft_tokens']} soft rows, template `{r['template']}`; {r['queries']['train']} training queries "
+             f"{r['soft_tokens']} soft rows, template {json.dumps(r['template'], ensure_ascii=False)}; {r['queries']['train']} training queries "
              f"({r['queries']['origin']}), {r['queries']['dev']} dev, {r['queries']['heldout']} held out; "
              f"{t['steps']} steps{' (stopped early)' if t['stopped_early'] else ''}, best dev KL "
              + (f"{t['best_dev_kl']:.4f} at step {t['best_step']}" if t["best_dev_kl"] is not None else "n/a"), "",
