@@ -81,7 +81,7 @@ def test_stream_n_and_chat(gateway):
 
 def test_prefix_tuning_refused_with_convert_hint(gateway):
     err = _err(_complete(gateway.url, "prefix", "hello"), 400)
-    assert "softprompt convert prefix --to prompt-tuning" in err["message"] and err["code"] == "unsupported_prompt_kind"
+    assert "`softprompt convert prefix --to prompt-tuning --out prefix-pt`" in err["message"] and err["code"] == "unsupported_prompt_kind"
 
 
 def test_keys_still_apply(gateway):

@@ -71,7 +71,8 @@ def ids_from_parts(spec: dict, tokenizer, values: dict[str, str], soft_id=lambda
 def _vectors(art) -> torch.Tensor:
     if not art.prompt.input_level:
         raise SoftPromptError(f"{art.path} is {art.kind}, whose per-layer keys/values neither vLLM nor TensorRT-LLM "
-                              f"take as input embeddings: distill it first with `softprompt convert {art.path} --to prompt-tuning`")
+                              f"take as input embeddings: distill it first with "
+                              f"`softprompt convert {art.path} --to prompt-tuning --out {art.path}-pt`")
     with torch.no_grad():
         return art.prompt.vectors().detach().to("cpu", torch.float32).contiguous()
 

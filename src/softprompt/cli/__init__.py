@@ -14,8 +14,8 @@ import sys
 from softprompt import __version__
 from softprompt.errors import SoftPromptError
 
-COMMANDS = ["train", "generate", "info", "export_import", "eval", "compress", "compressor", "inspect", "harden", "serve",
-            "harness"]
+COMMANDS = ["train", "generate", "info", "export_import", "eval", "compress", "compressor", "convert", "inspect", "harden",
+            "serve", "harness"]
 
 
 def build_parser() -> argparse.ArgumentParser:

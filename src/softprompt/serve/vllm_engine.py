@@ -69,10 +69,16 @@ class _Flight:
     started: float = field(default_factory=time.monotonic)
 
 
+def convert_command(name: str) -> str:
+    """The command, run in the prompts directory, that distills prompt ``name`` into ``NAME-pt``, which
+    the gateway then serves (hot reload)."""
+    return f"softprompt convert {name} --to prompt-tuning --out {name}-pt"
+
+
 def refusal(name: str, kind: str) -> str:
     return (f"prompt {name!r} is {kind}, whose per-layer keys/values vLLM cannot take as input embeddings; "
-            f"serve it with --engine native, or distill it into an input-level prompt with "
-            f"`softprompt convert {name} --to prompt-tuning`")
+            f"serve it with --engine native, or distill it into an input-level prompt: in the prompts directory run "
+            f"`{convert_command(name)}`, then use model {name + '-pt'!r}")
 
 
 def encode_embeds(tensor: torch.Tensor) -> str:
