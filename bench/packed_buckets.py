@@ -62,7 +62,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--note", default="", help="a sentence on the run's conditions, saved with the results")
+    ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the saved JSON (with --note)")
     args = ap.parse_args()
+    out = REPO / "bench" / "results" / "packed_buckets"
+    if args.render:
+        res = json.loads(out.with_suffix(".json").read_text())
+        if args.note:
+            res["note"] = args.note
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(res))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args.model, device="cpu")
@@ -72,7 +82,7 @@ def main() -> None:
     packed.pack_linears(pk)
     exact_bucket = onednn.bucket
     res: dict = {"model": args.model, "threads": torch.get_num_threads(), "cpu": _cpu(), "repeats": args.repeats,
-                 "load_avg_start": os.getloadavg()[0], "ms_per_forward": {}}
+                 "load_avg_start": os.getloadavg()[0], "note": args.note, "ms_per_forward": {}}
     for m in ROWS:
         row = {"plain": time_forward(plain, m, hidden, args.repeats)}
         onednn.bucket = lambda r: r  # noqa: E731 - packing without buckets, as before
@@ -87,7 +97,6 @@ def main() -> None:
     onednn.bucket = lambda r: r  # noqa: E731
     res["rss_growth_mb_after_rows_1_to_512"]["packed_exact"] = round(sweep_memory(pk, hidden), 1)
     onednn.bucket = exact_bucket
-    out = REPO / "bench" / "results" / "packed_buckets"
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
@@ -104,6 +113,8 @@ def markdown(r: dict) -> str:
     lines += ["", "Resident memory after one forward of every row count from 1 to 512 (oneDNN keeps a primitive per row count):",
               "", "| packing | RSS growth (MB) |", "|---|---|",
               f"| bucketed | {g['packed_bucketed']} |", f"| exact rows | {g['packed_exact']} |", ""]
+    if r.get("note"):
+        lines += [r["note"], ""]
     return "\n".join(lines)
 
 
