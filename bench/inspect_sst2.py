@@ -56,7 +56,7 @@ def main() -> None:
     for init in ("vocab", "text:Is the sentiment of this movie review positive or negative? Answer"):
         t0 = time.time()
         cfg = TrainConfig(model="smollm2", template=f"[soft:20] {BODY}", init=init, steps=args.steps, lr=0.03,
-                          bf16=True, seed=0)
+                          precision="bf16", seed=0)
         with tempfile.TemporaryDirectory() as tmp:
             tr = Trainer(cfg, train, None, Path(tmp) / "p", base=base, progress=False)
             tr.run()

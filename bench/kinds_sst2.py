@@ -64,7 +64,7 @@ def run_kind(name: str, args) -> dict:
     recipe, train, dev = _splits(args)
     base = load_base("smollm2", device="cpu")
     cfg = TrainConfig(model="smollm2", kind=kind, template=template, tokens=20, init=init, kind_options=options,
-                      steps=args.steps, batch_size=args.batch_size, lr=lr, bf16=True, device="cpu", seed=0)
+                      steps=args.steps, batch_size=args.batch_size, lr=lr, precision="bf16", device="cpu", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, train, None, Path(tmp) / name, base=base, progress=False)
         times, losses = [], []

@@ -89,7 +89,7 @@ def main() -> None:
     for n in lengths:
         for init in inits:
             cfg = TrainConfig(model="smollm2", template=recipe.soft_template_for(n), steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr, init=init, seed=args.seed, bf16=bf16,
+                              batch_size=args.batch_size, lr=args.lr, init=init, seed=args.seed, precision="bf16" if bf16 else "fp32",
                               chat=recipe.chat, device="cpu")
             t = Trainer(cfg, train, None, out=Path("/tmp/softprompt-lester") / f"{n}-{init}", base=base, progress=False)
             t0 = time.perf_counter()

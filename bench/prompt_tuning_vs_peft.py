@@ -89,7 +89,7 @@ def run_variant(name: str, args) -> dict:
     exs = examples(args.examples, Path(args.data_dir))
     bf16 = "bf16" in name
     cfg = TrainConfig(model="smollm2", template=f"[soft:{args.tokens}] Review: {{sentence}}\nSentiment:", steps=args.steps + args.warmup,
-                      batch_size=args.batch_size, lr=0.03, init="vocab", bf16=bf16, device="cpu", seed=0,
+                      batch_size=args.batch_size, lr=0.03, init="vocab", precision="bf16" if bf16 else "fp32", device="cpu", seed=0,
                       share_prefix=not name.endswith("noshare"),
                       pack_weights=name.startswith("ours") and not name.endswith("unpacked"))
     dev, label_words = dev_examples(args.dev, Path(args.data_dir))
