@@ -67,3 +67,11 @@ def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir
     a, b = load_artifact(plain.out).prompt.export_tensors(), load_artifact(fast.out).prompt.export_tensors()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_the_default_packs_in_bf16_only(tiny, tiny_dir, sentiment_files, tmp_path):
+    data = read_examples(sentiment_files[0])
+    for precision, packed in (("fp32", False), ("bf16", True)):
+        cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=1, batch_size=4, init="random", device="cpu", precision=precision)
+        t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)
+        assert (t.model is not tiny.model) == packed, precision
