@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from softprompt import onednn  # noqa: E402
 from softprompt.base_model import load_base  # noqa: E402
+from softprompt.hardware import hardware_line, hardware_report  # noqa: E402
 from softprompt.serve import packed  # noqa: E402
 
 ROWS = [1, 3, 16, 40, 100, 300, 512]
@@ -70,6 +71,9 @@ def main() -> None:
         res = json.loads(out.with_suffix(".json").read_text())
         if args.note:
             res["note"] = args.note
+        if "hardware" not in res:
+            res["hardware"] = hardware_report(measure=False)
+            res["hardware_recorded"] = "when the results were rendered, on the machine (same boot) that ran them"
         out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(res))
         return
@@ -82,7 +86,8 @@ def main() -> None:
     packed.pack_linears(pk)
     exact_bucket = onednn.bucket
     res: dict = {"model": args.model, "threads": torch.get_num_threads(), "cpu": _cpu(), "repeats": args.repeats,
-                 "load_avg_start": os.getloadavg()[0], "note": args.note, "ms_per_forward": {}}
+                 "load_avg_start": os.getloadavg()[0], "note": args.note,
+                 "hardware": hardware_report(measure=False), "ms_per_forward": {}}
     for m in ROWS:
         row = {"plain": time_forward(plain, m, hidden, args.repeats)}
         onednn.bucket = lambda r: r  # noqa: E731 - packing without buckets, as before
@@ -105,6 +110,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     lines = [f"# Prepacked weights with and without row buckets ({r['model']}, fp32, {r['threads']} threads)", "",
              f"CPU: {r['cpu']}; load average at the start {r['load_avg_start']:.2f}; medians of {r['repeats']} forwards.", "",
+             *([hardware_line(r["hardware"]) + (f" (recorded {r['hardware_recorded']})" if r.get("hardware_recorded") else ""), ""]
+               if r.get("hardware") else []),
              "| tokens in the forward | padded to | plain nn.Linear (ms) | packed, exact rows (ms) | packed, bucketed (ms) |",
              "|---|---|---|---|---|"]
     for m, row in r["ms_per_forward"].items():

@@ -205,23 +205,6 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def wait_http(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}:\n" + log.read_text()[-3000:])
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"{url} did not start in {timeout:.0f} s:\n" + log.read_text()[-3000:])
-        time.sleep(0.5)
-
-
 def seq_line(name: str, v: dict) -> str:
     return (f"{name}: TTFT {v['median_ttft_s']} s, latency {v['median_latency_s']} s, {v['median_tokens_per_s']} tokens/s, "
             f"GET /health {v['median_health_rtt_ms']} ms")
@@ -258,7 +241,7 @@ def main() -> int:
     from softprompt.hardware import hardware_line, hardware_report
     from softprompt.prompts import PromptTuning
     from softprompt.serve.vllm_engine import encode_embeds
-    from softprompt.serve.vllm_process import start_vllm, stop_vllm
+    from softprompt.serve.vllm_process import start_vllm, stop_vllm, wait_ready
     from softprompt.template import parse_template
 
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
@@ -295,14 +278,14 @@ def main() -> int:
                                                             "--precision", "fp32"],
                                                            work / "native.log", args.threads)
         if "vllm" in urls:
-            wait_http(procs["vllm"], urls["vllm"], work / "vllm.log")
+            wait_ready(procs["vllm"], urls["vllm"], work / "vllm.log")
             if "our API on vLLM-CPU" in systems:
                 procs["gateway"], urls["gateway"] = start_server(["--engine", "vllm", "--upstream", urls["vllm"], "--upstream-dtype",
                                                                   "float32", "--model", "smollm2", "--prompts", str(prompts)],
                                                                  work / "gateway.log", args.threads)
         for k in ("native", "gateway"):
             if k in procs:
-                wait_http(procs[k], urls[k], work / f"{k}.log")
+                wait_ready(procs[k], urls[k], work / f"{k}.log", what=k)
 
         def flush() -> bool:
             r = httpx.post(urls["vllm"] + "/reset_prefix_cache", timeout=30)

@@ -293,10 +293,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--precision", default="fp32", help="fp32 (default): greedy answers are compared exactly")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak"))
+    ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the saved JSON (adding the "
+                    "hardware description if the run predates it: same machine only)")
     args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    from softprompt.hardware import hardware_report
+
+    if args.render:
+        res = json.loads(Path(args.out + ".json").read_text())
+        if "hardware" not in res:
+            res["hardware"] = hardware_report(measure=False)
+            res["hardware_recorded"] = "when the results were rendered, on the machine (same boot) that ran them"
+        Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+        Path(args.out + ".md").write_text(markdown(res))
+        return
     import yaml
 
-    sys.path.insert(0, str(REPO / "src"))
     from softprompt.serve.auth import hash_key
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,7 +335,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     res.update(model=args.model, precision=args.precision, max_tokens=args.max_tokens, cpu=platform.processor() or _cpu(),
-               cores=os.cpu_count(), load_avg_start=os.getloadavg()[0])
+               cores=os.cpu_count(), load_avg_start=os.getloadavg()[0], hardware=hardware_report(measure=False))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
     Path(args.out + ".md").write_text(markdown(res))
@@ -364,6 +376,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 
 def markdown(r: dict) -> str:
+    from softprompt.hardware import hardware_line
+
     rss = r["rss_mb"]
     kinds = ", ".join(f"{k} {v}" for k, v in r["by_kind"].items())
     return "\n".join([
@@ -373,6 +387,8 @@ def markdown(r: dict) -> str:
         f"{r['distinct_jobs']} distinct requests, each first sent alone; then every client picks one at random, "
         f"again and again, and one request in 25 is hostile.",
         "",
+        *([hardware_line(r["hardware"]) + (f" (recorded {r['hardware_recorded']})" if r.get("hardware_recorded") else ""), ""]
+          if r.get("hardware") else []),
         "| figure | value |", "|---|---|",
         f"| requests under load | {r['requests']} |",
         f"| HTTP statuses | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} |",

@@ -23,18 +23,19 @@ def save_figure(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_loss(history: list[dict], path: str | Path) -> None:
-    """Training loss per step, with dev loss at evaluations."""
+def plot_loss(history: list[dict], path: str | Path, dev_key: str = "dev_loss", train_label: str = "train loss",
+              dev_label: str = "dev loss", ylabel: str = "cross-entropy (nats/token)") -> None:
+    """Training loss per step, with the dev metric ``dev_key`` at evaluations."""
     plt = _plt()
     train = [(h["step"], h["loss"]) for h in history if h.get("type") == "train"]
-    dev = [(h["step"], h["dev_loss"]) for h in history if h.get("type") == "eval"]
+    dev = [(h["step"], h[dev_key]) for h in history if h.get("type") == "eval" and dev_key in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+        ax.plot(*zip(*train), label=train_label, lw=1)
     if dev:
-        ax.plot(*zip(*dev), "o-", label="dev loss")
+        ax.plot(*zip(*dev), "o-", label=dev_label)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)

@@ -20,21 +20,22 @@ def start_vllm(port: int, log: Path, **env: str) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600, what: str = "vLLM") -> None:
+    """Poll ``url``/health until it answers 200; raise with the tail of ``log`` if ``proc`` exits or time runs out."""
     import httpx
 
     deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}:\n" + log.read_text()[-3000:])
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n" + log.read_text()[-3000:])
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
-            raise RuntimeError(f"vLLM did not start in {timeout:.0f} s:\n" + log.read_text()[-3000:])
-        time.sleep(1)
+            raise RuntimeError(f"{what} did not start in {timeout:.0f} s:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
 
 
 def stop_vllm(proc: subprocess.Popen) -> None:

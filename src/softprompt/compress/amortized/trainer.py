@@ -300,21 +300,9 @@ class Trainer:
 def plot_curve(history: list[dict], path: Path) -> None:
     """Training KL per step and dev KL at evaluations (png)."""
     try:
-        from softprompt.plots import _plt, save_figure
+        from softprompt.plots import plot_loss
 
-        plt = _plt()
+        plot_loss(history, path, dev_key="dev_kl", train_label="train KL", dev_label="dev KL (held-out contexts)",
+                  ylabel="KL(teacher || student), nats/token")
     except ImportError:
         return
-    train = [(h["step"], h["loss"]) for h in history if h.get("type") == "train"]
-    dev = [(h["step"], h["dev_kl"]) for h in history if h.get("type") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train KL", lw=1)
-    if dev:
-        ax.plot(*zip(*dev), "o-", label="dev KL (held-out contexts)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(teacher || student), nats/token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-    plt.close(fig)
