@@ -138,6 +138,18 @@ def check_tensor_file(path: Path) -> None:
         raise ArtifactError(f"{path}: corrupt tensor file (its header claims {claimed} bytes; the file has {size})")
 
 
+def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, after :func:`check_tensor_file`; a missing or corrupt file is an
+    ArtifactError naming it."""
+    check_tensor_file(path)
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path.parent}: missing {path.name}") from None
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: corrupt tensor file ({e})") from None
+
+
 def check_tensors(path: Path, prompt: SoftPrompt, expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
                   meta: dict) -> None:
     """The stored tensors agree with prompt.json (every tensor a prompt of its kind and dimensions
@@ -162,13 +174,7 @@ def load_artifact(path: str | Path, base: BaseModel | None = None, device: str |
     meta = read_meta(path)
     if base is not None:
         check_fingerprint(meta["base_model"], base.fingerprint, what=f"prompt {path}")
-    check_tensor_file(path / TENSORS)
-    try:
-        tensors = load_file(str(path / TENSORS))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing {TENSORS}") from None
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path / TENSORS}: corrupt tensor file ({e})") from None
+    tensors = load_tensor_file(path / TENSORS)
     cls = kind_class(meta["kind"])
     try:
         prompt = cls(hidden_size=meta["hidden_size"], **meta.get("kind_config", {}))

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from softprompt.data.readers import parse_jsonl
 from softprompt.errors import DataError, SoftPromptError
 
 TEXT_FIELDS = ("context", "passage", "text", "document")
@@ -69,14 +70,8 @@ def _squad(path: Path) -> list[Context]:
 
 def _jsonl(path: Path, source: str) -> list[Context]:
     out = []
-    for i, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e.msg})", str(path), i) from None
-        key = next((k for k in TEXT_FIELDS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+    for i, row in parse_jsonl(path.read_text("utf-8"), path):
+        key = next((k for k in TEXT_FIELDS if isinstance(row.get(k), str)), None)
         if key is None:
             raise DataError(f"no context field (one of {', '.join(TEXT_FIELDS)})", str(path), i)
         qs = ()

@@ -12,11 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from softprompt import __version__
-from softprompt.artifact import build_meta, save_artifact
+from softprompt.artifact import build_meta, load_tensor_file, save_artifact
 from softprompt.atomic import atomic_save_tensors, atomic_write_json
 from softprompt.base_model import BaseModel, check_fingerprint, load_base
 from softprompt.compress.amortized.jobs import context_job
@@ -84,12 +81,7 @@ class AmortizedCompressor:
                 raise ArtifactError(f"{meta_path}: missing field {key!r}")
         base = base or load_base(meta["base_model"]["id"], device=device)
         check_fingerprint(meta["base_model"], base.fingerprint, what=f"compressor {path}")
-        try:
-            tensors = load_file(str(path / TENSORS))
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: missing {TENSORS}") from None
-        except (SafetensorError, OSError) as e:
-            raise ArtifactError(f"{path / TENSORS}: corrupt tensor file ({e})") from None
+        tensors = load_tensor_file(path / TENSORS)
         enc = MemoryEncoder(meta["hidden_size"], meta["memory"], meta["form"], projector_hidden=meta.get("projector_hidden"))
         try:
             enc.load_state_dict(tensors, strict=True)
