@@ -132,7 +132,8 @@ def findings(rows: list[dict], prep: dict) -> list[str]:
         rs = [r for r in rows if r["context"] == name and not r["run"].startswith("queries-")]
         if not rs:
             continue
-        best = min(rs, key=lambda r: r["soft_kl_per_token"])
+        budget = [r for r in rs if not r["run"].startswith("equal-bytes")]  # the equal-bytes rows break the position budget
+        best = min(budget or rs, key=lambda r: r["soft_kl_per_token"])
         b = best
         met = [f"top-1 {b['soft_top1_agreement']:.3f} (goal {GOALS['top1']})", f"KL gap closed {b['soft_kl_gap_closed']:.0%} (goal 80%)",
                f"ROUGE-L {b['soft_rouge_l']:.3f} (goal {GOALS['rouge_l']})"]
@@ -141,14 +142,25 @@ def findings(rows: list[dict], prep: dict) -> list[str]:
                    + "; ".join(met) + "; vs " + ", ".join(beats) + f", none {b['none_kl_per_token']:.3f}.")
         p = prep.get(name)
         if p:
+            teacher_s = max(r["teacher_s"] for r in rs)  # the run that filled the shared cache
+            total = p["generate_s"] + teacher_s + best["train_s"]
             out.append(f"{name}: self-study generation {p['generate_s']:.0f} s for {p['n_train']} training queries; "
-                       f"teacher {best['teacher_s']:.0f} s (first run); best run trained {best['train_s']:.0f} s.")
-    eq = [r for r in rows if r["run"] in ("prompt-tuning", "prefix-first")]
-    for name in dict.fromkeys(r["context"] for r in eq):
-        pair = {r["run"]: r for r in eq if r["context"] == name}
-        if len(pair) == 2:
-            out.append(f"{name}, equal positions: prompt tuning KL {pair['prompt-tuning']['soft_kl_per_token']:.3f} vs "
-                       f"KV prefix (first) {pair['prefix-first']['soft_kl_per_token']:.3f}.")
+                       f"teacher {teacher_s:.0f} s (first run); best run trained {best['train_s']:.0f} s; "
+                       f"end to end {total:.0f} s (goal 600 s).")
+        pos = {r["run"]: r["soft_kl_per_token"] for r in rs}
+        if "prompt-tuning" in pos and any(k.startswith("prefix-") for k in pos):
+            out.append(f"{name}, equal positions ({rs[0]['soft_tokens']}): " + ", ".join(f"{k} KL {v:.3f}" for k, v in pos.items()
+                                                                                     if not k.startswith("equal-bytes")) + ".")
+        eb = [r for r in rs if r["run"].startswith("equal-bytes")]
+        if len(eb) == 2:
+            out.append(f"{name}, equal bytes: " + ", ".join(f"{r['run']} ({r['prompt_bytes'] / 1024:.0f} KiB, {r['student_positions']} "
+                                                             f"positions) KL {r['soft_kl_per_token']:.3f}" for r in eb) + ".")
+        curve = sorted((r for r in rows if r["context"] == name and r["run"].startswith("queries-")), key=lambda r: r["n_train"])
+        full = next((r for r in rs if r["run"] == "prefix-first"), None)
+        if curve and full:
+            pts = [(r["n_train"] + r["n_dev"], r) for r in curve] + [(full["n_train"] + full["n_dev"], full)]
+            out.append(f"{name}, fidelity vs training queries (prefix-first): "
+                       + ", ".join(f"{q}: KL {r['soft_kl_per_token']:.3f} / top-1 {r['soft_top1_agreement']:.3f}" for q, r in pts) + ".")
     return out
 
 
@@ -207,6 +219,7 @@ def main() -> int:
 
     from softprompt.base_model import load_base
     from softprompt.compress.selfstudy import self_study
+    from softprompt.precision import resolve_precision
 
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -219,48 +232,55 @@ def main() -> int:
     rows, prep = [], {}
     runs = [x for x in args.runs.split(",") if x]
     n = args.tokens
+    bf16 = resolve_precision(args.precision, "cpu", announce=False).bf16
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for ctx in ctxs:
+        state = {}
+        for ctx in ctxs:  # self-study queries first: every context's main runs come before any secondary run
             held = heldout_for(ctx, args.heldout, args.seed)
             nq = args.queries if ctx["kind"] == "instructions" else args.squad_queries
             t0 = time.perf_counter()
-            train, _ = self_study(base, tok, ctx["text"], nq, 0, args.seed, bf16=False, progress=not args.quiet,
+            train, _ = self_study(base, tok, ctx["text"], nq, 0, args.seed, bf16=bf16, progress=not args.quiet,
                                   exclude=[q.text for q in held])
             prep[ctx["name"]] = {"generate_s": time.perf_counter() - t0, "n_train": len(train),
                                  "types": {t: sum(q.meta["type"] == t for q in train) for t in dict.fromkeys(q.meta["type"] for q in train)},
+                                 "origins": {o: sum(q.meta["origin"] == o for q in train) for o in dict.fromkeys(q.meta["origin"] for q in train)},
                                  "sample_queries": [q.text for q in train[:8]]}
-            cache = tmp / ctx["name"] / "cache"
-            plan = []
-            if "prompt-tuning" in runs:
-                plan.append(("prompt-tuning", "prompt-tuning", n, "first", train))
-            for pos in ("first", "even", "attention"):
-                if f"prefix-{pos}" in runs:
-                    plan.append((f"prefix-{pos}", "prefix", n, pos, train))
-            if "equal-bytes" in runs:
+            state[ctx["name"]] = (held, train)
+        plan = []  # (phase, ctx, label, kind, tokens, positions, train queries)
+        for ctx in ctxs:
+            held, train = state[ctx["name"]]
+            main_runs = [("prompt-tuning", "prompt-tuning", n, "first")] + [(f"prefix-{p}", "prefix", n, p) for p in ("first", "attention", "even")]
+            for label, kind, tokens, pos in main_runs:
+                if label in runs and (ctx["kind"] == "instructions" or label != "prefix-even"):
+                    plan.append((0, ctx, label, kind, tokens, pos, train))
+            if "equal-bytes" in runs and ctx["kind"] == "instructions":
                 layers, kvh, hd = 30, 3, 64  # SmolLM2-135M: the prefix's floats per position
                 head = 3
                 pt_tokens = (head + 1) * layers * 2 * kvh * hd // base.hidden_size
-                plan.append(("equal-bytes-prefix-1", "prefix", 1, "attention", train))
-                plan.append((f"equal-bytes-prompt-tuning-{pt_tokens}", "prompt-tuning", pt_tokens, "first", train))
+                plan.append((1, ctx, "equal-bytes-prefix-1", "prefix", 1, "attention", train))
+                plan.append((1, ctx, f"equal-bytes-prompt-tuning-{pt_tokens}", "prompt-tuning", pt_tokens, "first", train))
             if ctx["kind"] == "instructions":
                 for q in [int(x) for x in args.curve.split(",") if x]:
                     if q < len(train):
-                        plan.append((f"queries-{q}", "prefix", n, "first", train[:q]))
-            for label, kind, tokens, pos, tq in plan:
-                print(f"== {ctx['name']} {label}", flush=True)
-                try:
-                    row = run_one(base, ctx, tq, held, label, kind, tokens, pos, args, cache if not label.startswith("queries-")
-                                  else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {})
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    print(f"   failed: {e!r}", flush=True)
-                    continue
-                rows.append(row)
-                print(f"   KL {row['soft_kl_per_token']:.3f} (trunc {row.get('truncated_kl_per_token', 0):.3f}, lingua "
-                      f"{row.get('llmlingua_kl_per_token', 0):.3f}, none {row['none_kl_per_token']:.3f}) top1 "
-                      f"{row['soft_top1_agreement']:.3f} steps {row['steps']} {row['wall_s']:.0f}s", flush=True)
-                meta["total_s"] = time.perf_counter() - t_all
-                write(rows, prep, meta, hardware_line(hw))
+                        plan.append((1, ctx, f"queries-{q}", "prefix", n, "first", train[:q]))
+        plan.sort(key=lambda p: p[0])
+        for _, ctx, label, kind, tokens, pos, tq in plan:
+            held = state[ctx["name"]][0]
+            cache = tmp / ctx["name"] / "cache"
+            print(f"== {ctx['name']} {label}", flush=True)
+            try:
+                row = run_one(base, ctx, tq, held, label, kind, tokens, pos, args, cache if not label.startswith("queries-")
+                              else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {})
+            except Exception as e:  # noqa: BLE001 - record and go on
+                print(f"   failed: {e!r}", flush=True)
+                continue
+            rows.append(row)
+            print(f"   KL {row['soft_kl_per_token']:.3f} (trunc {row.get('truncated_kl_per_token', 0):.3f}, lingua "
+                  f"{row.get('llmlingua_kl_per_token', 0):.3f}, none {row['none_kl_per_token']:.3f}) top1 "
+                  f"{row['soft_top1_agreement']:.3f} steps {row['steps']} {row['wall_s']:.0f}s", flush=True)
+            meta["total_s"] = time.perf_counter() - t_all
+            write(rows, prep, meta, hardware_line(hw))
     meta["total_s"] = time.perf_counter() - t_all
     write(rows, prep, meta, hardware_line(hw))
     return 0

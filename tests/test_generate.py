@@ -100,3 +100,33 @@ def test_a_row_that_ends_stops_while_the_others_go_on(tiny, soft):
     for row, e in zip(got, enc):
         alone = collate([e], tiny.tokenizer.pad_token_id, left=True)
         assert row == generate_ids(tiny.model, soft, alone, SamplingParams(6), eos_ids=[eos])[0]
+
+
+def test_until_ends_a_row_early_and_leaves_the_others_as_they_were(tiny, soft):
+    """``until`` finishes a row at the first token where it holds; each text is then a prefix of the
+    unbounded one, and sampled rows that never satisfy it are unchanged (the batch's draws do not shift)."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("[soft:2] {input} [soft:3]"))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    free = generate(tiny, soft, fmt, TEXTS, params, batch_size=4)
+    limit = len(free[0]) // 2
+    assert limit >= 2
+    got = generate(tiny, soft, fmt, TEXTS, params, batch_size=4, until=lambda t: len(t) >= limit)
+    assert got[0] != free[0]
+    for g, f in zip(got, free):
+        assert f.startswith(g)
+        assert g == f or len(g) >= limit  # ended only where ``until`` held
+        if len(f) < limit:
+            assert g == f
+
+
+def test_self_study_stops_a_sample_at_its_first_usable_line_without_changing_the_queries(tiny, monkeypatch):
+    from softprompt.compress import selfstudy
+
+    assert selfstudy.line_done("Question: what are the opening hours?\n") and not selfstudy.line_done("what are the opening")
+    assert not selfstudy.line_done("ok\n") and selfstudy.line_done("ok\nIs the shop open on Monday?\nmore")
+    early, _ = selfstudy.self_study(tiny, tiny.tokenizer, " ".join(TEXTS) * 3, n_train=12, n_heldout=0, chunk_tokens=20,
+                                    progress=False, max_new_tokens=16)
+    monkeypatch.setattr(selfstudy, "line_done", lambda text: False)
+    late, _ = selfstudy.self_study(tiny, tiny.tokenizer, " ".join(TEXTS) * 3, n_train=12, n_heldout=0, chunk_tokens=20,
+                                   progress=False, max_new_tokens=16)
+    assert [q.text for q in early] == [q.text for q in late]

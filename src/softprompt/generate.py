@@ -38,8 +38,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 @torch.no_grad()
 def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: SamplingParams, eos_ids: list[int],
-                 on_token: Callable[[int, int], None] | None = None, bf16: bool = False) -> list[list[int]]:
-    """New token ids per row for a left-padded batch (``input_ids`` may hold slot markers)."""
+                 on_token: Callable[[int, int], bool | None] | None = None, bf16: bool = False) -> list[list[int]]:
+    """New token ids per row for a left-padded batch (``input_ids`` may hold slot markers). A row ends at
+    an end-of-sequence token, or when ``on_token(row, token)`` returns True; the batch ends when every row has."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     inputs = as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
@@ -57,8 +58,8 @@ def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: Sampling
             if tok in eos_ids:
                 continue
             out[i].append(tok)
-            if on_token:
-                on_token(i, tok)
+            if on_token and on_token(i, tok):
+                done[i] = True
         done |= torch.isin(nxt, eos)
         if done.all():
             break
@@ -77,9 +78,11 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inputs: list[str | Example],
              params: SamplingParams | None = None, batch_size: int = 8, bf16: bool = False,
-             stream: Callable[[int, str], None] | None = None, field: str | None = None) -> list[str]:
+             stream: Callable[[int, str], None] | None = None, field: str | None = None,
+             until: Callable[[str], bool] | None = None) -> list[str]:
     """Complete each input (a text for the template's first field, or an Example) and return the
-    decoded continuations. ``stream(i, piece)`` receives text as it is produced."""
+    decoded continuations. ``stream(i, piece)`` receives text as it is produced; a row stops early
+    once ``until(text so far)`` is true (the batch stops when every row has)."""
     params = params or SamplingParams()
     field = field or (fmt.template.fields[0] if fmt.template.fields else "input")
     examples = [x if isinstance(x, Example) else Example({field: x}) for x in inputs]
@@ -93,12 +96,15 @@ def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inpu
         ids_so_far: list[list[int]] = [[] for _ in chunk]
 
         def on_token(i: int, t: int, ids_so_far: list[list[int]] = ids_so_far, emitted: list[str] = emitted,
-                     start: int = start) -> None:
+                     start: int = start) -> bool:
             ids_so_far[i].append(t)
+            if not stream and not until:
+                return False
             text = _cut_at_stop(tok.decode(ids_so_far[i], skip_special_tokens=True), params.stop)
             if stream and len(text) > len(emitted[i]) and not text.endswith("\ufffd"):
                 stream(start + i, text[len(emitted[i]):])
                 emitted[i] = text
+            return bool(until and until(text))
 
         ids = generate_ids(base.model, prompt, batch, params, base.eos_ids(), on_token, bf16=bf16)
         for i, row in enumerate(ids):

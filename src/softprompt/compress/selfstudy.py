@@ -54,6 +54,12 @@ def clean(text: str) -> str:
     return ""
 
 
+def line_done(text: str) -> bool:
+    """True once ``text`` holds a finished line that :func:`clean` accepts (more tokens cannot change
+    the query, so generation may stop)."""
+    return "\n" in text and bool(clean(text[:text.rindex("\n")]))
+
+
 def sentence_queries(chunk: str) -> list[tuple[str, str]]:
     """(type, query) pairs built from the chunk's own sentences (the fallback)."""
     out = []
@@ -82,7 +88,8 @@ def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max
     outs: list[str] = []
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
         outs += generate(base, None, fmt, texts[i:i + batch_size],
-                         SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i), batch_size=batch_size, bf16=bf16)
+                         SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i), batch_size=batch_size, bf16=bf16,
+                         until=line_done)
     return [(ci, t, clean(o)) for (ci, t), o in zip(asks, outs)]
 
 
