@@ -61,7 +61,7 @@ def register(sub) -> None:
     o.add_argument("--loss-positions", choices=["all", "continuation"], default="all",
                    help="distill at every position after the context (default) or only along the continuation")
     o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--lr", type=float, default=0.03)
+    o.add_argument("--lr", type=float, default=None, help="learning rate (default 0.03 for prompt tuning, 0.005 for --kind prefix)")
     o.add_argument("--seed", type=int, default=0)
     p.add_argument("--compressor", help="a trained compressor (softprompt compressor train): one forward instead of "
                                         "training; --tokens and the student options come from it")

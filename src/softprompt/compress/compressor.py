@@ -61,7 +61,7 @@ class CompressConfig:
     min_delta: float = 1e-4
     dev: float = 0.1  # share of the training queries used for early stopping (at least 1, at most 32)
     batch_size: int = 8
-    lr: float = 0.03
+    lr: float | None = None  # None: 0.03 for prompt tuning, 0.005 for a KV prefix (keys/values move at a smaller scale)
     warmup: float = 0.06
     schedule: str = "linear"
     max_grad_norm: float = 1.0
@@ -202,6 +202,13 @@ class Compressor:
         self.head_ids = list(heads.pop())
         self.student_fmt = fmt
         self.student_template = tail
+
+    @property
+    def lr(self) -> float:
+        """The learning rate: the configured one, else the kind's default."""
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return 0.005 if self.cfg.kind == "prefix" else 0.03
 
     @property
     def n_positions(self) -> int:
@@ -416,7 +423,7 @@ class Compressor:
         prompt = self.prompt = self.make_prompt()
         prompt.train()
         self._freeze(prompt)
-        optim = PromptOptimizer(prompt.parameters(), lr=c.lr, steps=c.steps, warmup=c.warmup, schedule=c.schedule,
+        optim = PromptOptimizer(prompt.parameters(), lr=self.lr, steps=c.steps, warmup=c.warmup, schedule=c.schedule,
                                 max_grad_norm=c.max_grad_norm)
         plan = batch_plan([len(self.student_ids(e.query)) + len(e.cont) for e in entries], c.batch_size, c.steps, c.seed, bucket=False)
         history: list[dict] = []
