@@ -469,6 +469,16 @@ def test_a_report_failure_leaves_a_loadable_prompt(tiny, tmp_path, monkeypatch):
     assert art.kind == "prompt-tuning" and art.prompt.n_virtual == 4
 
 
+@pytest.mark.parametrize("baselines", [("none",), ("truncated",), ()], ids=["none-only", "truncated-only", "no-baseline"])
+def test_the_report_is_written_with_any_subset_of_baselines(tiny, tmp_path, baselines):
+    res = compress(CONTEXT, _cfg(baselines=baselines), _queries(), tmp_path / "p", base=tiny, progress=False)
+    md = (res.out / "compression_report.md").read_text()
+    assert set(res.report["fidelity"]) == {"soft", *baselines}
+    ex = res.report["examples"][0]
+    for k in ("teacher", "soft", *baselines):
+        assert f"- {k}: {ex[k]!r}" in md
+
+
 def test_missing_dependencies_are_found_before_any_work(tiny, tmp_path, monkeypatch):
     import importlib.util
 

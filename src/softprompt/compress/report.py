@@ -196,7 +196,7 @@ def format_markdown(report: dict) -> str:
     if report.get("examples"):
         lines += ["## Examples", ""]
         for ex in report["examples"]:
-            lines += [f"**{ex['query']}**", ""] + [f"- {k}: {ex[k]!r}" for k in ("teacher", "soft", "truncated", "none")] + [""]
+            lines += [f"**{ex['query']}**", ""] + [f"- {k}: {v!r}" for k, v in ex.items() if k != "query"] + [""]
     return "\n".join(lines)
 
 
