@@ -2,9 +2,11 @@
 by the model itself from the context.
 
 The context is split into chunks of about ``chunk_tokens`` tokens at sentence boundaries. For each
-chunk the model (chat template, the chunk as the text) is asked for queries of five types: a fact the
+chunk the model (chat template, the chunk as the text) is asked for queries of six types: a fact the
 chunk states, a rule applied to a new case, a summary of the section, a comparison of two parts (the
-chunk and the next one), and a request the text does not allow or cannot answer (a refusal case).
+chunk and the next one), a request the text does not allow or cannot answer (a refusal case), and the
+first-person message a user of an assistant that follows the text would send (a context is usually a
+system prompt or a document in a chat, and its held-out use is such messages).
 Samples are reduced to their first usable line and deduplicated (case, spacing and punctuation
 ignored). When the model's samples for a chunk run short, questions built from the chunk's own
 sentences fill up, so every chunk contributes. Held-out queries come from an independent run with
@@ -25,6 +27,8 @@ TYPES = {
     "comparison": "Write one question that compares two different things from the text above. Reply with the question only.",
     "refusal": "Write one request that the text above does not allow, or a question it gives no answer to. "
                "Reply with the request only.",
+    "user": "Write the next message that a user talking to an assistant who follows or knows the text above might send it: "
+            "a question or request of their own, in the first person. Reply with the message only.",
 }
 _PREFIX = re.compile(r"^(?:\W*(?:question|request|q|instruction|user)\s*\d*\s*[:.)-])+\s*", re.I)
 
