@@ -238,3 +238,20 @@ def test_a_compressor_for_another_base_is_refused(other_tiny_dir, compressor):
         ContextPrompts(compressor, other)
     with pytest.raises(SoftPromptError, match="trained on base model"):
         ContextPrompts.load(compressor.path, other)
+
+
+def test_serve_cli_refuses_a_bad_compressor_with_one_line(tiny_dir, other_tiny_dir, compressor, tmp_path, capsys):
+    from softprompt.cli import main
+
+    (tmp_path / "p").mkdir()
+    cases = [
+        (["--model", str(other_tiny_dir), "--compressor", str(compressor.path)], "trained on base model"),
+        (["--model", str(tiny_dir), "--compressor", str(tmp_path / "nothing")], "not a compressor"),
+        (["--model", str(tiny_dir), "--compressor", str(compressor.path), "--engine", "vllm", "--upstream", "http://127.0.0.1:9"],
+         "needs the native engine"),
+        (["--model", str(tiny_dir), "--compressor", str(compressor.path), "--context-cache", "-1"], "--context-cache"),
+    ]
+    for extra, msg in cases:
+        assert main(["serve", "--prompts", str(tmp_path / "p"), "--port", "1", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
