@@ -15,6 +15,7 @@ to the paragraph's own SQuAD questions, the fraction of the no-context KL gap cl
 agreement, against truncation at the same budget (head + the first m context tokens).
 
     python bench/compressor_scaling.py [--part length|memory|both] [--render]
+    python bench/compressor_scaling.py --part memory --memories 16 --encoder-lora 8 --add   # + an encoder LoRA
 Results: bench/results/compressor_scaling.{json,md}, written after every measurement.
 """
 from __future__ import annotations
@@ -89,11 +90,17 @@ def train_compressor(base, memory: int, train, dev, out: Path, args):
 
     cfg = TrainConfig(model="smollm2", memory=memory, form="kv", queries_per_context=3, query_source="dataset",
                       max_new_tokens=8, steps=args.steps, contexts_per_step=2, lr=0.03, eval_every=args.eval_every,
-                      patience=0, seed=0, cache_dir=str(Path(args.work) / "train_cache"))
+                      patience=0, seed=0, cache_dir=str(Path(args.work) / "train_cache"), encoder_lora=args.encoder_lora,
+                      lora_lr=args.lora_lr)
     t0 = time.perf_counter()
     tr = Trainer(cfg, train, dev, out, base=base, progress=not args.quiet)
     comp = tr.run()
     return comp, time.perf_counter() - t0
+
+
+def _memory_order(kv):
+    """``4``, ``8``, ``16``, ``16+lora8``, ``32``: by memory size, then the plain compressor first."""
+    return int(kv[0].split("+")[0]), kv[0]
 
 
 def _f(x, d=3):
@@ -125,11 +132,11 @@ def summarize(res: dict) -> dict:
                             "top1": _mean(rows, "soft", "top1_agreement"),
                             "beats_truncation": sum(r["fidelity"]["soft"]["kl_per_token"] < r["fidelity"]["truncated"]["kl_per_token"]
                                                     for r in rows)})
-    for m, block in sorted(res.get("memory", {}).items(), key=lambda kv: int(kv[0])):
+    for m, block in sorted(res.get("memory", {}).items(), key=_memory_order):
         rows = block["rows"]
         if not rows:
             continue
-        s["memory"].append({"memory": int(m), "contexts": len(rows), "first_dev_kl": block["train"]["first_dev_kl"],
+        s["memory"].append({"memory": m, "contexts": len(rows), "first_dev_kl": block["train"]["first_dev_kl"],
                             "best_dev_kl": block["train"]["best_dev_kl"], "train_s": block["train"]["wall_s"],
                             "kl": _mean(rows, "soft", "kl_per_token"), "truncated_kl": _mean(rows, "truncated", "kl_per_token"),
                             "none_kl": _mean(rows, "none", "kl_per_token"), "gap_closed": _mean(rows, "soft", "kl_gap_closed"),
@@ -173,11 +180,14 @@ def render(res: dict) -> str:
                          f"{_f(m['kl'])} | {_f(m['truncated_kl'])} | {_f(m['none_kl'])} | {_f(m['gap_closed'])} | "
                          f"{_f(m['truncated_gap_closed'])} | {_f(m['top1'])} | {m['beats_truncation']} of {m['contexts']} |")
         lines += ["", "Per context:", "", head.format("memory"), sep]
-        for m, block in sorted(res["memory"].items(), key=lambda kv: int(kv[0])):
+        for m, block in sorted(res["memory"].items(), key=_memory_order):
             lines += [_row_line(m, r) for r in block["rows"]]
         lines.append("")
     if res.get("wall_s"):
         lines += [f"Wall time of the whole run: {res['wall_s']:.0f} s.", ""]
+    for run in res.get("added_runs", []):
+        lines += [f"Added later: `{json.dumps(run['settings'])}`" + (f", {run['wall_s']:.0f} s wall" if run.get("wall_s") else "") +
+                  f". {run['hardware_line']}", ""]
     return "\n".join(lines)
 
 
@@ -206,6 +216,9 @@ def main() -> int:
     ap.add_argument("--dev-contexts", type=int, default=3)
     ap.add_argument("--steps", type=int, default=24, help="training steps of every memory size (default 24)")
     ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--encoder-lora", type=int, default=0, help="train the memory sizes with an encoder LoRA of this rank")
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--add", action="store_true", help="add these runs to the existing results file")
     ap.add_argument("--memory-eval", type=int, default=5, help="held-out paragraphs for the memory sizes (default 5)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -231,8 +244,11 @@ def main() -> int:
     base = load_base("smollm2", device="cpu")
     tok = base.tokenizer
     hw = hardware_report()
-    res: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("quiet", "render")}, "hardware": hw,
-                 "hardware_line": hardware_line(hw), "length": [], "memory": {}}
+    settings = {k: v for k, v in vars(args).items() if k not in ("quiet", "render", "add")}
+    res: dict = {"settings": settings, "hardware": hw, "hardware_line": hardware_line(hw), "length": [], "memory": {}}
+    if args.add:  # a later run on the same machine, same contexts (everything seeded), added beside the first
+        res = json.loads((RESULTS / f"{NAME}.json").read_text())
+        res.setdefault("added_runs", []).append({"settings": settings, "hardware_line": hardware_line(hw)})
     work = Path(args.work)
     pool = eval_pool(tok, args.seed)
     shipped = Compressor.load(SHIPPED, base=base)
@@ -260,19 +276,23 @@ def main() -> int:
         res["memory_settings"] = {"train_contexts": len(train), "dev_contexts": len(dev), "steps": args.steps,
                                   "min_tokens": 150, "max_tokens": 350}
         for m in [int(x) for x in args.memories.split(",")]:
-            comp, wall = train_compressor(base, m, train, dev, work / f"m{m}", args)
+            key = f"{m}+lora{args.encoder_lora}" if args.encoder_lora else str(m)
+            comp, wall = train_compressor(base, m, train, dev, work / f"m{key}", args)
             mt = comp.meta["metrics"]
             used = set(comp.meta["contexts"]["train"]) | set(comp.meta["contexts"]["dev"])
             assert not used & {c.sha for c in held}, "a held-out paragraph was trained on"
             block = {"train": {"first_dev_kl": mt["first_dev_kl"], "best_dev_kl": mt["best_dev_kl"], "best_step": mt["best_step"],
                                "wall_s": wall, "train_s": mt["train_s"], "prepare_s": mt["prepare_s"]}, "rows": []}
-            res["memory"][str(m)] = block
+            res["memory"][key] = block
             for ctx in held:
                 block["rows"].append(measure(comp, ctx, work / "memory" / ctx.sha, args))  # the teacher's cache is shared
                 write(res)
-            print(f"[memory {m}] dev KL {mt['first_dev_kl']:.4f} -> {mt['best_dev_kl']:.4f}; "
+            print(f"[memory {key}] dev KL {mt['first_dev_kl']:.4f} -> {mt['best_dev_kl']:.4f}; "
                   f"held-out gap {statistics.mean(r['fidelity']['soft']['kl_gap_closed'] for r in block['rows']):.3f}", flush=True)
-    res["wall_s"] = time.perf_counter() - t_start
+    if args.add:
+        res["added_runs"][-1]["wall_s"] = time.perf_counter() - t_start
+    else:
+        res["wall_s"] = time.perf_counter() - t_start
     write(res)
     return 0
 

@@ -255,3 +255,30 @@ def test_serve_cli_refuses_a_bad_compressor_with_one_line(tiny_dir, other_tiny_d
         assert main(["serve", "--prompts", str(tmp_path / "p"), "--port", "1", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.slow
+def test_smollm2_serves_contexts_with_the_shipped_compressor(tmp_path):
+    """The real thing: build_server as `softprompt serve --compressor examples/compressors/smollm2-kv16
+    --precision fp32` does (weights prepacked); a request's context gives the tokens of the same context
+    compressed with the Python API and served by name. (In bf16 the two can differ after a few tokens:
+    the second request reads the prefix from the KV-prefix cache, the first computed it in its own
+    prefill, and bf16 rounds those two differently; the prompts' tensors are identical.)"""
+    from conftest import REPO
+
+    from softprompt.serve.app import build_server
+
+    (tmp_path / "p").mkdir()
+    server = build_server("smollm2", tmp_path / "p", compressor=REPO / "examples" / "compressors" / "smollm2-kv16",
+                          watch_interval=None, max_batch=4, precision="fp32")
+    text = ("The harbor town of Vell sits between two cliffs. Its lighthouse was built in 1807 by Ada Moreau, who also "
+            "founded the school of Vell. Fishing boats leave at four in the morning and return before noon.")
+    with LiveServer(server) as s:
+        server.contexts.compressor.compress(text, tmp_path / "p" / "vell")
+        server.registry.scan()
+        c = s.client(None)
+        fly = c.completions.create(model="base", prompt="Who built the lighthouse?", max_tokens=12, temperature=0,
+                                   extra_body={"context": text})
+        named = c.completions.create(model="vell", prompt="Who built the lighthouse?", max_tokens=12, temperature=0)
+        assert fly.choices[0].text == named.choices[0].text and fly.choices[0].text.strip()
+        assert _metric(s, "softprompt_context_compressions_total") == 1
