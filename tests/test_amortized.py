@@ -176,6 +176,7 @@ def test_cli_bad_input_exits_2_with_one_line(tiny, tiny_dir, other_tiny_dir, tmp
         (common + ["--contexts", str(empty)], "no contexts found"),
         (common + ["--contexts", str(tmp_path / "missing")], "does not exist"),
         (common + ["--contexts", str(empty), "--memory", "0"], "--memory must be >= 1"),
+        (common + ["--contexts", str(empty), "--encoder-lora", "-1"], "--encoder-lora must be a rank"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2
@@ -265,3 +266,50 @@ def test_a_registered_context_serves_the_compressors_prompt(tiny, tmp_path):
     assert served is not None and served.artifact.kind == "prefix"
     assert all(torch.equal(v, served.artifact.tensors[k]) for k, v in want.items())
     assert served.artifact.meta["compression"]["method"] == "amortized"
+
+
+def test_encoder_lora_is_in_the_artifact_and_only_on_the_encoder_pass(tiny, tiny_dir, tmp_path):
+    """--encoder-lora R: peft's LoRA on the encoder pass only. The base model stays bit-identical (its
+    state and its modules: the LoRA sits in a twin sharing its weights); the student pass of training
+    equals the same pass on a freshly loaded base that never saw a LoRA; the LoRA's weights are in
+    compressor.safetensors, they trained, and they change the encoder's output; loading restores it."""
+    from safetensors import safe_open
+
+    from softprompt.base_model import load_base
+    from softprompt.compress.amortized.model import MemoryEncoder
+
+    before, modules = _state_hash(tiny.model), [n for n, _ in tiny.model.named_modules()]
+    ctx = _contexts(6)
+    tr = Trainer(_cfg(form="kv", steps=6, encoder_lora=2, lora_lr=0.05), ctx[:4], ctx[4:], tmp_path / "c", base=tiny,
+                 progress=False)
+    tr.prepare()
+    tr.train()
+    comp = tr.save()
+    assert _state_hash(tiny.model) == before and [n for n, _ in tiny.model.named_modules()] == modules
+    assert not any("lora" in n for n in modules)
+    # the student pass: the trainer's loss equals the same student prompt on a base that never had a LoRA
+    fresh = load_base(str(tiny_dir), device="cpu")
+    item = tr.items[0]
+    with torch.no_grad():
+        student = tr.encoding.student(item.ctx_ids)
+        ours, n = item.job._loss(student, item.entries)
+        item.job.base = fresh
+        plain, n2 = item.job._loss(student, item.entries)
+        item.job.base = tiny
+    assert n == n2 and torch.equal(ours, plain)
+    # the artifact: LoRA tensors in the safetensors file, its settings in compressor.json
+    with safe_open(str(tmp_path / "c" / "compressor.safetensors"), "pt") as f:
+        lora_keys = [k for k in f.keys() if k.startswith("lora.")]
+        b_norm = sum(float(f.get_tensor(k).abs().sum()) for k in lora_keys if "lora_B" in k)
+    assert lora_keys and {("lora_A" in k) for k in lora_keys} == {True, False}
+    assert b_norm > 0  # peft starts B at zero: it trained
+    meta = json.loads((tmp_path / "c" / "compressor.json").read_text())
+    assert meta["encoder_lora"] == {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"]}
+    loaded = Compressor.load(tmp_path / "c", base=tiny)
+    text = _context(40)
+    got = loaded.prompt(text).export_tensors()
+    assert all(torch.equal(v, got[k]) for k, v in comp.prompt(text).export_tensors().items())
+    plain_enc = MemoryEncoder(tiny.hidden_size, 4, "kv", init=loaded.encoder.memory)
+    without = AmortizedCompressor(tiny, plain_enc, precision="fp32").prompt(text).export_tensors()
+    assert not all(torch.equal(v, got[k]) for k, v in without.items())  # the LoRA changes the memory's keys/values
+    assert _state_hash(tiny.model) == before

@@ -47,6 +47,12 @@ def register(sub) -> None:
     o.add_argument("--contexts-per-step", type=int, default=4, help="contexts per step (default 4)")
     o.add_argument("--lr", type=float, default=0.01, help="learning rate of the memory embeddings (default 0.01)")
     o.add_argument("--projector-lr", type=float, default=1e-3, help="learning rate of the projector (default 1e-3)")
+    o.add_argument("--encoder-lora", type=int, default=0, metavar="R",
+                   help="also train a LoRA of rank R (peft) on the encoder pass only (the frozen model reading context + "
+                        "memory); the student and teacher passes run the plain base, which is never changed (default 0: none)")
+    o.add_argument("--lora-targets", default="q_proj,v_proj", help="modules the encoder LoRA wraps (default q_proj,v_proj)")
+    o.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    o.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the encoder LoRA (default 1e-3)")
     o.add_argument("--eval-every", type=int, default=10, help="steps between dev evaluations (default 10)")
     o.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping (0: never)")
     o.add_argument("--seed", type=int, default=0)
@@ -84,6 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.memory < 1:
         raise SoftPromptError(f"--memory must be >= 1 (got {args.memory})")
+    if args.encoder_lora < 0:
+        raise SoftPromptError(f"--encoder-lora must be a rank >= 1, or 0 for none (got {args.encoder_lora})")
     out = Path(args.out)
     if (out / META).exists() and not (args.overwrite or args.resume):
         raise SoftPromptError(f"{out} already holds a compressor: pass --overwrite to replace it")
@@ -98,6 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
                       query_source=args.query_source, chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens,
                       steps=args.steps, contexts_per_step=args.contexts_per_step, lr=args.lr, projector_lr=args.projector_lr,
                       eval_every=args.eval_every, patience=args.patience, seed=args.seed, precision=args.precision,
+                      encoder_lora=args.encoder_lora, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                      lora_lr=args.lora_lr,
                       device=args.device, resume=args.resume, cache_dir=args.cache_dir)
     base = load_base(args.model, device=args.device)
     args.min_tokens = max(args.min_tokens, args.memory)  # a kv prompt keeps no more positions than the context has

@@ -72,6 +72,13 @@ def _add_args(p) -> None:
                         "--dtype auto; give the upstream's --dtype if it differs)")
     p.add_argument("--upstream-policy", choices=["least-loaded", "round-robin"], default="least-loaded")
     p.add_argument("--watch-interval", type=float, default=1.0, help="seconds between directory scans (0: off)")
+    c = p.add_argument_group("contexts (an amortized compressor, docs/compressor.md)")
+    c.add_argument("--compressor", metavar="DIR", help="an amortized compressor for this base model (softprompt compressor "
+                   "train): requests may then carry a 'context' compressed on the fly into their prompt, and "
+                   "PUT /admin/contexts/NAME registers a compressed context as a prompt")
+    c.add_argument("--context-cache", type=int, default=64, help="compressed contexts kept in memory, LRU by content hash "
+                   "(default: 64; 0: compress every request's context)")
+    c.add_argument("--max-context-tokens", type=int, default=2048, help="cap on a context's length in tokens (default: 2048)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("tenant_max_queued", "tenant_max_running"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.context_cache < 0 or args.max_context_tokens < 1:
+        raise SoftPromptError("--context-cache must be >= 0 and --max-context-tokens >= 1")
+    if args.compressor and (args.engine == "vllm" or args.upstream):
+        raise SoftPromptError("--compressor needs the native engine: the compressor runs the whole model, and --engine vllm "
+                              "loads only its embedding matrix here")
     if args.max_queue_wait < 0:
         raise SoftPromptError("--max-queue-wait must be 0 (no cap) or more seconds")
     import torch
@@ -102,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     limits = Limits(args.max_tokens, args.max_input_tokens, args.max_body_bytes,
                     tenant_max_queued=args.tenant_max_queued, tenant_max_running=args.tenant_max_running,
-                    max_queue_wait=args.max_queue_wait or None)
+                    max_queue_wait=args.max_queue_wait or None, max_context_tokens=args.max_context_tokens)
     if args.engine == "vllm" or args.upstream:
         if args.engine != "vllm":
             raise SoftPromptError("--upstream is for --engine vllm")
@@ -131,10 +143,14 @@ def run(args: argparse.Namespace) -> int:
                           limits=limits,
                           max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                           prefix_cache=not args.no_prefix_cache, cache_bytes=int(args.cache_memory_mb * 2**20),
-                          watch_interval=args.watch_interval or None)
+                          watch_interval=args.watch_interval or None, compressor=args.compressor,
+                          context_cache=args.context_cache)
     if not server.auth.enabled:
         logging.getLogger("softprompt.serve").warning("no --keys: the API is open to anyone who can reach %s:%d",
                                                       args.host, args.port)
+    if server.contexts is not None:
+        logging.getLogger("softprompt.serve").info("compressor %s (%s form, %d memory tokens): requests may carry a context",
+                                                   args.compressor, server.contexts.compressor.form, server.contexts.compressor.memory)
     if args.studio:
         logging.getLogger("softprompt.serve").info("studio at http://%s:%d/studio/", args.host, args.port)
     return serve_forever(server, args.host, args.port, log_level="info" if args.verbose else "warning", studio=args.studio)

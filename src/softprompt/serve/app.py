@@ -28,9 +28,13 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
                  precision: str = "auto", pack_weights: bool = True, prompt_memory_bytes: int = 256 << 20,
                  limits: Limits | None = None, max_batch: int = 16, max_batch_tokens: int = 512, max_queue: int = 64,
                  prefix_cache: bool = True, cache_bytes: int = 512 << 20,
-                 watch_interval: float | None = 1.0) -> Server:
+                 watch_interval: float | None = 1.0, compressor: str | Path | None = None,
+                 context_cache: int = 64) -> Server:
     """A :class:`Server` for the prompt artifacts under ``prompts`` on ``model`` (tenants from the
-    ``keys`` file; without one the API is open). The keys file is read before the model is loaded;
+    ``keys`` file; without one the API is open). With ``compressor`` (an amortized compressor for
+    this base, fingerprint-checked) requests may carry a ``context``, and ``PUT /admin/contexts/{name}``
+    registers one (softprompt.serve.from_context); ``context_cache`` compressed contexts are kept
+    (LRU by content hash). The keys file is read before the model is loaded;
     ``precision`` (auto | fp32 | bf16, see softprompt.precision) resolved to bf16 converts the weights once; with ``pack_weights`` the linear
     layers are prepacked for oneDNN (CPU only)."""
     import torch
@@ -43,6 +47,12 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
 
     if resolve_precision(precision, base.device).bf16:  # converted once: autocast would re-cast every forward
         base.model.to(torch.bfloat16)
+    contexts = None
+    if compressor is not None:  # before the linears are packed: an encoder LoRA wraps plain nn.Linear layers
+        from softprompt.serve.from_context import ContextPrompts
+
+        contexts = ContextPrompts.load(compressor, base, precision=precision, cache_size=context_cache,
+                                       max_tokens=(limits or Limits()).max_context_tokens)
     if pack_weights:
         from softprompt.serve.packed import pack_linears
 
@@ -52,7 +62,7 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
     registry = Registry(base, prompts, budget_bytes=prompt_memory_bytes)
     return Server(base, registry, auth, limits, max_batch=max_batch, max_queue=max_queue,
                   max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache, cache_bytes=cache_bytes,
-                  watch_interval=watch_interval)
+                  watch_interval=watch_interval, contexts=contexts)
 
 
 def route_template(request: Request) -> str:

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -126,6 +127,7 @@ class Engine:
         self.eos = set(base.eos_ids())
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
+        self._calls: list[tuple[Callable[[], object], Future]] = []  # work on the model between steps
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -155,6 +157,28 @@ class Engine:
             self._waiting.extend(reqs)
             self.metrics.queue_length = len(self._waiting)
             self._cond.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` in the engine's thread between two forwards (the model is the engine's: its
+        packed forward switches the model's attention while it runs); the future holds the result or
+        the exception, which is ``fn``'s alone: the batch goes on."""
+        fut: Future = Future()
+        with self._cond:
+            if self._stop:
+                fut.set_exception(SoftPromptError("the engine is stopped"))
+                return fut
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def _run_calls(self, calls: list[tuple[Callable[[], object], Future]]) -> None:
+        for fn, fut in calls:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller's, delivered through its future
+                fut.set_exception(e)
 
     def cancel(self, req_id: str) -> None:
         with self._cond:
@@ -193,19 +217,24 @@ class Engine:
         from the main thread and 97 ms from a second thread, 2 cores)."""
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self.rows and not self._cancelled:
+                while not self._stop and not self._waiting and not self.rows and not self._cancelled and not self._calls:
                     if should_stop is not None and should_stop():
                         self._stop = True
                         break
                     self._cond.wait(timeout=0.25 if should_stop is not None else None)
                 if self._stop or (should_stop is not None and should_stop()):
+                    for _, fut in self._calls:
+                        fut.set_exception(SoftPromptError("the server is stopping"))
+                    self._calls = []
                     break
                 cancelled, self._cancelled = self._cancelled, set()
+                calls, self._calls = self._calls, []
                 if cancelled:
                     self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
                 expired = self._take_expired()
                 new = self._take_admissible()
                 self.metrics.queue_length = len(self._waiting)
+            self._run_calls(calls)
             for req in expired:
                 self.metrics.queue_timeouts += 1
                 req.error = f"waited {req.max_wait:g} s for a batch slot; the server is busy, retry later"

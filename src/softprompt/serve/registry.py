@@ -83,10 +83,14 @@ def prepare(name: str, path: Path, base: BaseModel, root: Path | None = None) ->
     ``root``, links leading out of it are refused before anything is read."""
     if root is not None:
         check_contained(path, root)
-    art = load_artifact(path, base=base)
+    return prepare_artifact(name, load_artifact(path, base=base), base, str(path))
+
+
+def prepare_artifact(name: str, art: PromptArtifact, base: BaseModel, where: str | None = None) -> LoadedPrompt:
+    """A loaded artifact (from disk, or built in memory: a compressed context) made servable."""
     fmt = art.prompt_format(base)
     if not art.template.fields:
-        raise SoftPromptError(f"{path}: the template has no field to put the request text in")
+        raise SoftPromptError(f"{where or name}: the template has no field to put the request text in")
     first = art.template.fields[0]
     # The prefix is what every request shares: the tokens before the first field's text. Two
     # different probe texts diverge exactly there.

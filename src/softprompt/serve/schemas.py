@@ -9,7 +9,7 @@ from typing import Callable, Literal
 
 from fastapi import Request
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from softprompt.generate import SamplingParams
 from softprompt.serve.engine import Request as GenRequest
@@ -30,6 +30,7 @@ class Limits:
     tenant_max_queued: int | None = None  # default per-tenant cap on waiting rows (keys.yaml: max_queued)
     tenant_max_running: int | None = None  # default per-tenant cap on running rows (keys.yaml: max_running)
     max_queue_wait: float | None = 60.0  # seconds a row may wait for a batch slot before its request gets 429 (None: no cap)
+    max_context_tokens: int = 2048  # cap on a request's (or an admin's) context, in tokens (with --compressor)
 
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range (a choice's seed is seed + i)
@@ -54,6 +55,20 @@ def _neutral(key: str, value) -> bool:
 
 
 # -- request bodies --------------------------------------------------------------------------------
+CONTEXT_FIELD = Field(None, description=(
+    "softprompt extension, on a server started with --compressor: a context (a document, a long system prompt) "
+    "compressed by the amortized compressor in one forward into this request's prompt, in place of a named prompt "
+    "('model' is then 'base' or the compressor's name); cached by its content hash. The OpenAI client sends it with "
+    "extra_body={'context': ...}."))
+
+
+class ContextBody(Schema):
+    """``PUT /admin/contexts/{name}``: a context to compress and install as prompt ``name``."""
+
+    model_config = ConfigDict(extra="forbid")
+    context: str = Field(description="the context to compress (one forward of the server's --compressor)")
+
+
 class Body(Schema):
     model_config = ConfigDict(extra="allow")  # unknown fields are refused by name in :func:`parse`
 
@@ -72,6 +87,7 @@ class CompletionBody(Body):
     prompt: str | list[str]
     logprobs: int | None = None  # top alternatives per token (0..5); 0: the chosen token's only
     fields: dict[str, str] | None = None  # extension: values for the template's other fields
+    context: str | None = CONTEXT_FIELD  # extension (--compressor): compressed into the request's prompt
 
 
 class TextPart(Schema):
@@ -99,6 +115,7 @@ class ChatBody(Body):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None  # 0..20, with logprobs
+    context: str | None = CONTEXT_FIELD  # extension (--compressor): compressed into the request's prompt
 
 
 def openapi_body(schema: type[Schema]) -> dict:

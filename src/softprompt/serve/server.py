@@ -18,7 +18,7 @@ class Server:
 
     def __init__(self, base: BaseModel, registry: Registry, auth: Auth, limits: Limits | None = None,
                  max_batch: int = 16, max_queue: int = 64, prefix_cache: bool = True, cache_bytes: int = 512 << 20,
-                 watch_interval: float | None = 1.0, max_batch_tokens: int = 512, engine=None):
+                 watch_interval: float | None = 1.0, max_batch_tokens: int = 512, engine=None, contexts=None):
         self.base, self.registry, self.auth, self.limits = base, registry, auth, limits or Limits()
         self.metrics = Metrics()
         self.cache = PrefixCache(cache_bytes, enabled=prefix_cache)
@@ -27,6 +27,15 @@ class Server:
                        Engine(base, self.cache, self.metrics, max_batch=max_batch, max_queue=max_queue,
                               max_batch_tokens=max_batch_tokens))
         registry.on_change = lambda name, old_hash: self.engine.forget(old_hash)
+        # ``contexts``: a softprompt.serve.from_context.ContextPrompts (``--compressor``), or None
+        self.contexts = contexts
+        if contexts is not None:
+            if not hasattr(self.engine, "call"):
+                from softprompt.errors import SoftPromptError
+
+                raise SoftPromptError("--compressor needs the native engine (the compressor runs the whole model here)")
+            contexts.on_evict = self.engine.forget
+            self.metrics.extra.append(contexts.metrics_lines)
         self.watch_interval = watch_interval
         self.started = time.time()
         self.engine_thread = True  # False: the caller runs ``engine.run()`` itself (the CLI, in its main thread)

@@ -14,8 +14,16 @@ Two forms (both produce ordinary prompt kinds, so ``generate``/``eval``/``serve`
 
 The base model stays frozen; gradients reach the memory embeddings (and the projector) through its
 activations. The encoder pass reads ``head + context + memory`` at positions ``0..n-1``.
+
+Optionally (``--encoder-lora R``, after ICAE and 500xCompressor) the encoder pass runs with a LoRA of
+rank ``R`` from ``peft`` on its attention projections: peft injects it into a *twin* of the base model,
+a copy of its module tree that shares every weight tensor with it, so the base model object is never
+changed and every other pass (the student reading the prompt, the teacher) runs the plain frozen model.
 """
 from __future__ import annotations
+
+import copy
+import itertools
 
 import torch
 from torch import nn
@@ -29,6 +37,7 @@ from softprompt.prompts.prefix import PrefixTuning, cache_layout
 from softprompt.prompts.prompt_tuning import PromptTuning
 
 FORMS = ("kv", "projector")
+LORA_TARGETS = ("q_proj", "v_proj")
 INIT_TEXT = "Remember the text above: its facts, names, numbers and rules."
 
 
@@ -80,8 +89,14 @@ class MemoryEncoder(nn.Module):
     """The trainable part of a compressor: memory embeddings, and for the projector form the MLP."""
 
     def __init__(self, hidden_size: int, memory: int, form: str, init: torch.Tensor | None = None,
-                 projector_hidden: int | None = None):
+                 projector_hidden: int | None = None, lora: dict | None = None):
         super().__init__()
+        if lora is not None and (not isinstance(lora.get("r"), int) or lora["r"] < 1):
+            raise SoftPromptError(f"--encoder-lora must be a rank >= 1 (got {lora.get('r')!r})")
+        self.lora_config = dict(lora, targets=list(lora.get("targets") or LORA_TARGETS),
+                                alpha=float(lora.get("alpha") or 2 * lora["r"])) if lora else None
+        self.lora = nn.ParameterDict()  # the LoRA weights (same objects as in the twin's peft layers)
+        self._twin: list = []  # [(base model, twin)]: not a submodule, so state_dict holds only the LoRA
         if form not in FORMS:
             raise SoftPromptError(f"--form {form!r}: expected one of {', '.join(FORMS)}")
         if memory < 1:
@@ -101,7 +116,38 @@ class MemoryEncoder(nn.Module):
         out = {"form": self.form, "memory": self.n_memory, "hidden_size": self.hidden_size}
         if self.form == "projector":
             out["projector_hidden"] = self.projector_hidden
+        if self.lora_config:
+            out["encoder_lora"] = self.lora_config
         return out
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """The model the encoder pass runs: ``model`` itself, or with an encoder LoRA its twin (a copy of
+        the module tree sharing every parameter and buffer with ``model``) with peft's LoRA layers on the
+        target projections. ``model`` is left exactly as it was. Made once per model (seeded by the caller)."""
+        if not self.lora_config:
+            return model
+        if self._twin and self._twin[0][0] is model:
+            return self._twin[0][1]
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise SoftPromptError("--encoder-lora needs peft: pip install 'softprompt[compress]' (or peft)") from None
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        twin = copy.deepcopy(model, memo)
+        c = self.lora_config
+        cfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, target_modules=list(c["targets"]), bias="none")
+        try:
+            twin = inject_adapter_in_model(cfg, twin)
+        except ValueError as e:
+            raise SoftPromptError(f"--encoder-lora: {str(e).splitlines()[0]} (targets: {', '.join(c['targets'])})") from None
+        params = {n: p for n, p in twin.named_parameters() if "lora_" in n}
+        if not params:
+            raise SoftPromptError(f"--encoder-lora: no layer named {', '.join(c['targets'])} in this model")
+        for name, p in params.items():
+            p.requires_grad_(True)
+            self.lora[name.replace(".", "__")] = p
+        self._twin = [(model, twin)]
+        return twin
 
 
 class Encoding:
@@ -128,7 +174,8 @@ class Encoding:
         """The prompt's tensor for a context: ``[L, 2, H, len(head) + m, D]`` (kv) or ``[m, hidden]``."""
         from transformers import DynamicCache
 
-        model, enc, device = self.base.model, self.encoder, self.base.device
+        enc, device = self.encoder, self.base.device
+        model = enc.attach(self.base.model)  # the base itself, or its twin with the encoder LoRA
         m = enc.n_memory
         ids = torch.tensor(self.head_ids + list(ctx_ids), device=device)
         if len(ids) + m > self.base.max_positions:
@@ -137,7 +184,8 @@ class Encoding:
                                   f"{self.base.max_positions}: shorten or split the context")
         backbone = getattr(model, getattr(model, "base_model_prefix", "model"))
         with autocast(device, self.bf16):
-            x = torch.cat([model.get_input_embeddings()(ids), enc.memory.to(device)], 0).unsqueeze(0)
+            emb = model.get_input_embeddings()(ids)
+            x = torch.cat([emb, enc.memory.to(device, emb.dtype)], 0).unsqueeze(0)
             if enc.form == "kv":
                 cache = DynamicCache(config=model.config)
                 backbone(inputs_embeds=x, past_key_values=cache, use_cache=True)

@@ -82,7 +82,12 @@ class AmortizedCompressor:
         base = base or load_base(meta["base_model"]["id"], device=device)
         check_fingerprint(meta["base_model"], base.fingerprint, what=f"compressor {path}")
         tensors = load_tensor_file(path / TENSORS)
-        enc = MemoryEncoder(meta["hidden_size"], meta["memory"], meta["form"], projector_hidden=meta.get("projector_hidden"))
+        try:
+            enc = MemoryEncoder(meta["hidden_size"], meta["memory"], meta["form"], projector_hidden=meta.get("projector_hidden"),
+                                lora=meta.get("encoder_lora"))
+        except (SoftPromptError, AttributeError, TypeError) as e:
+            raise ArtifactError(f"{meta_path}: bad compressor settings ({e})") from None
+        enc.attach(base.model)  # an encoder LoRA's weights live in the twin's peft layers
         try:
             enc.load_state_dict(tensors, strict=True)
         except RuntimeError as e:

@@ -54,6 +54,10 @@ class TrainConfig:
     contexts_per_step: int = 4
     lr: float = 0.01  # memory embeddings (and the projector's per-slot vectors)
     projector_lr: float = 1e-3
+    encoder_lora: int = 0  # rank of a LoRA (peft) on the encoder pass only; 0: none
+    lora_alpha: float | None = None  # default 2 * rank
+    lora_targets: str = "q_proj,v_proj"
+    lora_lr: float = 1e-3
     warmup: float = 0.06
     schedule: str = "linear"
     max_grad_norm: float = 1.0
@@ -95,6 +99,8 @@ class Trainer:
             raise SoftPromptError(f"--form {cfg.form!r}: expected one of {', '.join(FORMS)}")
         if cfg.memory < 1:
             raise SoftPromptError(f"--memory must be >= 1 (got {cfg.memory})")
+        if cfg.encoder_lora < 0:
+            raise SoftPromptError(f"--encoder-lora must be a rank >= 1, or 0 for none (got {cfg.encoder_lora})")
         if cfg.steps < 1 or cfg.contexts_per_step < 1 or cfg.queries_per_context < 1:
             raise SoftPromptError("--steps, --contexts-per-step and --queries-per-context must be >= 1")
         require(train, "training")
@@ -138,9 +144,13 @@ class Trainer:
 
     def encoder(self) -> MemoryEncoder:
         if not hasattr(self, "_encoder"):
-            torch.manual_seed(self.cfg.seed)
-            self._encoder = MemoryEncoder(self.base.hidden_size, self.cfg.memory, self.cfg.form,
-                                          init=init_memory(self.base, self.cfg.memory)).to(self.base.device)
+            c = self.cfg
+            torch.manual_seed(c.seed)
+            lora = ({"r": c.encoder_lora, "alpha": c.lora_alpha, "targets": [t.strip() for t in c.lora_targets.split(",") if t.strip()]}
+                    if c.encoder_lora else None)
+            self._encoder = MemoryEncoder(self.base.hidden_size, c.memory, c.form, init=init_memory(self.base, c.memory),
+                                          lora=lora).to(self.base.device)
+            self._encoder.attach(self.base.model)  # seeded: the LoRA's initial weights are a function of the seed
         return self._encoder
 
     # -- the loss ----------------------------------------------------------------------------------
@@ -202,6 +212,8 @@ class Trainer:
         groups = [{"params": [enc.memory] + ([enc.slot] if c.form == "projector" else []), "lr": c.lr}]
         if c.form == "projector":
             groups.append({"params": list(enc.proj.parameters()), "lr": c.projector_lr})
+        if len(enc.lora):
+            groups.append({"params": list(enc.lora.values()), "lr": c.lora_lr})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.steps, c.warmup, c.schedule))
         plan = step_plan(len(self.items), c.contexts_per_step, c.steps, c.seed)

@@ -1,5 +1,5 @@
-"""Admin endpoints (an admin key only): list, upload or replace, and remove prompts, and rescan the
-prompts directory."""
+"""Admin endpoints (an admin key only): list, upload or replace, and remove prompts, register a
+compressed context as a prompt (``--compressor``), and rescan the prompts directory."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from softprompt.serve.auth import Tenant
 from softprompt.serve.errors import APIError
 from softprompt.serve.routes.deps import AdminDep, ServerDep, link
-from softprompt.serve.schemas import read_json
+from softprompt.serve.schemas import ContextBody, openapi_body, parse, read_json
 
 router = APIRouter(prefix="/admin")
 
@@ -55,6 +55,34 @@ async def admin_put(name: str, request: Request, server: ServerDep, tenant: Admi
     except Exception as e:  # noqa: BLE001 - the reason goes back to the admin
         raise APIError(400, f"prompt {name!r} refused: {e}", param="meta") from None
     return {"name": name, "kind": entry.kind, "hash": entry.hash}
+
+
+@router.put("/contexts/{name}", openapi_extra=openapi_body(ContextBody), responses={200: {
+    "description": "the context is compressed (one forward of the server's --compressor) and installed as prompt {name}",
+    "links": {"GetInstalled": link("/v1/models/{name}", "get", "the compressed context as a model", {"name": "$request.path.name"})}}})
+async def admin_put_context(name: str, request: Request, server: ServerDep, tenant: AdminDep):
+    from softprompt.serve.from_context import ContextError, install_prompt
+
+    in_scope(tenant, name)
+    body: ContextBody = parse(ContextBody, await read_json(request, server.limits.max_admin_body_bytes), server.limits.max_json_depth)
+    ctx = server.contexts
+    if ctx is None:
+        raise APIError(400, "this server has no compressor: start softprompt serve with --compressor DIR to register "
+                            "contexts", param="context", code="no_compressor")
+    try:
+        n = ctx.check(body.context)
+        prompt, meta = await asyncio.wrap_future(server.engine.call(lambda: ctx.build(body.context)))
+    except ContextError as e:
+        raise APIError(400, str(e), param="context", code="invalid_context") from None
+    except Exception as e:  # noqa: BLE001 - the reason goes back to the admin
+        raise APIError(500, f"compressing the context failed: {type(e).__name__}: {e}", "server_error", param="context") from None
+    try:
+        entry = await asyncio.to_thread(install_prompt, server.registry, name, prompt, meta)
+    except Exception as e:  # noqa: BLE001 - the reason goes back to the admin
+        raise APIError(400, f"prompt {name!r} refused: {e}", param="name") from None
+    return {"name": name, "kind": entry.kind, "hash": entry.hash, "context_tokens": n,
+            "context_sha256": meta["compression"]["context_sha256"], "positions": prompt.n_virtual,
+            "compressor": ctx.name}
 
 
 @router.delete("/prompts/{name}", responses={200: {"description": "the prompt is gone", "links": {

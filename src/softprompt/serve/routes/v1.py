@@ -3,6 +3,7 @@ where ``model`` names a prompt (``base``: the bare model) the request's key may 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -22,6 +23,7 @@ from softprompt.serve.server import Server
 from softprompt.serve.streaming import TokenLog, event_stream, usage
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger(__name__)
 
 
 def visible(server: Server, tenant: Tenant) -> list[str]:
@@ -39,6 +41,35 @@ async def resolve(server: Server, tenant: Tenant, name: str) -> LoadedPrompt | N
     lp = await asyncio.to_thread(server.registry.get, name)
     if lp is None:
         raise model_not_found(name)
+    return lp
+
+
+async def context_prompt(server: Server, tenant: Tenant, body: Body) -> LoadedPrompt:
+    """The prompt compressed from the request's ``context`` (``--compressor``): from the cache, or one
+    forward of the compressor in the engine's thread. 400 naming the field for a server without a
+    compressor, a ``model`` that names a prompt, or a context the compressor cannot take."""
+    from softprompt.serve.from_context import ContextError
+
+    ctx = server.contexts
+    if ctx is None:
+        raise APIError(400, "this server has no compressor, so it takes no 'context': start softprompt serve with "
+                            "--compressor DIR (or send a named prompt in 'model')", param="context", code="no_compressor")
+    if body.model not in (BASE_NAME, ctx.name):
+        raise APIError(400, f"'context' is compressed into the request's prompt, so 'model' must be {BASE_NAME!r} or the "
+                            f"compressor's name {ctx.name!r}, not {body.model!r}: a context cannot be combined with another "
+                            "prompt", param="model", code="context_conflict")
+    if not tenant.may_use(BASE_NAME):
+        raise model_not_found(body.model)
+    try:
+        ctx.check(body.context)
+        lp, _ = await ctx.prompt_for(body.context, server.engine.call)
+    except ContextError as e:
+        raise APIError(400, str(e), param="context", code="invalid_context") from None
+    except SoftPromptError as e:  # the server is stopping
+        raise APIError(503, f"the context could not be compressed: {e}", "server_error", param="context") from None
+    except Exception as e:  # noqa: BLE001 - a failure of this request's compression is this request's alone
+        log.exception("compressing a context failed")
+        raise APIError(500, f"compressing the context failed: {type(e).__name__}", "server_error", param="context") from None
     return lp
 
 
@@ -178,7 +209,7 @@ async def model(name: str, server: ServerDep, tenant: TenantDep):
 async def completions(request: Request, server: ServerDep, tenant: TenantDep):
     limits = server.limits
     body: CompletionBody = parse(CompletionBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
-    lp = await resolve(server, tenant, body.model)
+    lp = await (resolve(server, tenant, body.model) if body.context is None else context_prompt(server, tenant, body))
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -204,7 +235,7 @@ async def chat_completions(request: Request, server: ServerDep, tenant: TenantDe
     body: ChatBody = parse(ChatBody, await read_json(request, limits.max_body_bytes), limits.max_json_depth)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    lp = await resolve(server, tenant, body.model)
+    lp = await (resolve(server, tenant, body.model) if body.context is None else context_prompt(server, tenant, body))
     users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise APIError(400, "messages must contain a user message", param="messages")
