@@ -260,7 +260,7 @@ def test_serve_cli_refuses_a_bad_compressor_with_one_line(tiny_dir, other_tiny_d
 @pytest.mark.slow
 def test_smollm2_serves_contexts_with_the_shipped_compressor(tmp_path):
     """The real thing: build_server as `softprompt serve --compressor examples/compressors/smollm2-kv16
-    --precision fp32 --no-pack-weights` does; a request's context gives the tokens of the same context
+    --precision fp32` does (weights prepacked, on the server's own copy of the model); a request's context gives the tokens of the same context
     compressed with the Python API and served by name. (In bf16 the two can differ after a few tokens:
     the second request reads the prefix from the KV-prefix cache, the first computed it in its own
     prefill, and bf16 rounds those two differently; the prompts' tensors are identical.)"""
@@ -270,8 +270,7 @@ def test_smollm2_serves_contexts_with_the_shipped_compressor(tmp_path):
 
     (tmp_path / "p").mkdir()
     server = build_server("smollm2", tmp_path / "p", compressor=REPO / "examples" / "compressors" / "smollm2-kv16",
-                          watch_interval=None, max_batch=4, precision="fp32",
-                          pack_weights=False)  # packing would reach the other SmolLM2 loads of this process: they share weights
+                          watch_interval=None, max_batch=4, precision="fp32")
     text = ("The harbor town of Vell sits between two cliffs. Its lighthouse was built in 1807 by Ada Moreau, who also "
             "founded the school of Vell. Fishing boats leave at four in the morning and return before noon.")
     with LiveServer(server) as s:

@@ -201,3 +201,22 @@ def test_prefix_copied_from_a_prefill_equals_a_separate_materialization(base, pr
         for k1, k2, v1, v2 in zip(got.keys, want.keys, got.values, want.values):
             torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5)
+
+
+def test_the_server_converts_and_packs_its_own_copy_of_the_base(tiny_dir, base, prompts_dir):
+    """build_server turns its model to bf16 and prepacks it in place: that is never the process-wide
+    model load_base hands to everyone else (a packed shared model broke their bf16 forwards)."""
+    from softprompt.base_model import load_base
+    from softprompt.serve.app import build_server
+    from softprompt.serve.packed import PackedLinear, packing_available
+
+    need(packing_available(torch.device("cpu")), "this torch build cannot prepack linear weights (no oneDNN)")
+    server = build_server(str(tiny_dir), prompts_dir, device="cpu", precision="bf16", pack_weights=True, watch_interval=None)
+    assert any(isinstance(m, PackedLinear) for m in server.base.model.modules())
+    shared = load_base(str(tiny_dir), device="cpu")
+    assert shared is base and shared.model is not server.base.model
+    assert not any(isinstance(m, PackedLinear) for m in shared.model.modules())
+    assert all(p.dtype == torch.float32 for p in shared.model.parameters())
+    ids = torch.tensor([base.tokenizer(TEXTS[3]).input_ids])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.isfinite(shared.model(input_ids=ids).logits).all()

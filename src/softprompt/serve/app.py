@@ -39,13 +39,16 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
     layers are prepacked for oneDNN (CPU only)."""
     import torch
 
-    from softprompt.base_model import load_base
+    from softprompt.base_model import default_device, load_base
 
     auth = Auth.from_file(keys) if keys else Auth()
-    base = load_base(model, device=device)
     from softprompt.precision import resolve_precision
 
-    if resolve_precision(precision, base.device).bf16:  # converted once: autocast would re-cast every forward
+    bf16 = resolve_precision(precision, device or default_device()).bf16
+    # The server converts and packs its model in place: it takes its own copy then, never the
+    # process-wide one that load_base hands to other callers (a packed model breaks their bf16 forwards).
+    base = load_base(model, device=device, reuse=not (bf16 or pack_weights))
+    if bf16:  # converted once: autocast would re-cast every forward
         base.model.to(torch.bfloat16)
     contexts = None
     if compressor is not None:  # before the linears are packed: an encoder LoRA wraps plain nn.Linear layers
