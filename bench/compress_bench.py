@@ -192,6 +192,7 @@ def main() -> int:
     ap.add_argument("--squad-queries", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--squad", type=int, default=2, help="SQuAD contexts of 500-900 tokens")
+    ap.add_argument("--contexts", default="instructions,squad", help="which contexts: instructions, squad or both")
     ap.add_argument("--curve", default="16,64", help="query counts for the fidelity-vs-queries curve (instructions, prefix)")
     ap.add_argument("--runs", default="prompt-tuning,prefix-first,prefix-even,prefix-attention,equal-bytes")
     ap.add_argument("--steps", type=int, default=150)
@@ -227,7 +228,8 @@ def main() -> int:
     base = load_base("smollm2", device="cpu")
     tok = base.tokenizer
     ctxs = [{"name": "instructions", "kind": "instructions", "text": (REPO / "bench" / "data" / "compress_instructions.txt").read_text()}]
-    ctxs += squad_contexts(tok, 500, 900, args.squad, args.seed)
+    ctxs = (ctxs if "instructions" in args.contexts else []) + (squad_contexts(tok, 500, 900, args.squad, args.seed)
+                                                               if "squad" in args.contexts else [])
     meta = {"settings": {k: v for k, v in vars(args).items() if k != "quiet"}, "hardware": hw}
     rows, prep = [], {}
     runs = [x for x in args.runs.split(",") if x]

@@ -3,6 +3,7 @@ independently, the artifact through the ordinary paths, and bad input through th
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -392,6 +393,9 @@ def test_self_study_yields_distinct_queries_from_every_chunk(tiny):
     assert {q.meta["chunk"] for q in held} >= set(range(min(6, len(pieces))))
     assert {q.meta["seed"] for q in train}.isdisjoint({q.meta["seed"] for q in held})
     assert all(q.meta["type"] in TYPES for q in train)
+    generated = [q for q in train if q.meta["origin"] == "self-study"]
+    assert {q.meta["type"] for q in generated} == set(TYPES)  # every type, not the first few filling each chunk's quota
+    assert max(Counter(q.meta["type"] for q in generated).values()) <= -(-len(generated) // len(TYPES)) + len(pieces)
 
 
 def test_generated_queries_by_default_and_none_usable_is_an_error(tiny, tmp_path, monkeypatch):

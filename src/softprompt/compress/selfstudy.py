@@ -102,13 +102,15 @@ def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: b
     from softprompt.compress.queries import query_key
 
     per_chunk = -(-n // len(pieces))
+    kinds = list(TYPES)
     got: dict[int, list[Query]] = {i: [] for i in range(len(pieces))}
     for r in range(rounds):
         short = [i for i in got if len(got[i]) < per_chunk]
         if not short:
             break
         per = max(1, -(-(per_chunk - min(len(got[i]) for i in short)) * 3 // (2 * len(TYPES))))
-        asks = [(ci, t) for ci in short for t in TYPES for _ in range(per)]
+        # Types interleaved, each chunk starting at another one: every type gets into the quotas.
+        asks = [(ci, kinds[(ci + j) % len(kinds)]) for ci in short for _ in range(per) for j in range(len(kinds))]
         for ci, t, q in _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress, f"{desc} (round {r + 1})"):
             k = query_key(q)
             if q and k not in seen and len(got[ci]) < per_chunk:
