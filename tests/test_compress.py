@@ -452,7 +452,8 @@ def test_resume_continues_an_interrupted_compression(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(broken, "_loss", dies)
     with pytest.raises(KeyboardInterrupt):
         broken.train(e, d)
-    assert (tmp_path / "p" / "compress_checkpoint.pt").exists()
+    ck = tmp_path / "p" / "compress_checkpoint"
+    assert {f.name for f in ck.iterdir()} == {"state.safetensors", "state.json"}  # no pickle
     again, e, d = job(tmp_path / "p", resume=True)
     hist = again.train(e, d)
     assert [h["step"] for h in hist] == list(range(1, 13))

@@ -51,3 +51,29 @@ class PromptOptimizer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return {"lr": self.sched.get_last_lr()[0], "grad_norm": float(norm) if norm is not None else None}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors (``optim.<param>.<name>``, for safetensors) and the JSON rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    """The inverse of :func:`optimizer_tensors`."""
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in info["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})

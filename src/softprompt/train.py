@@ -30,7 +30,7 @@ from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
 from softprompt.init import init_table, parse_init
 from softprompt.objectives import compile_forward, lm_loss
-from softprompt.optim import PromptOptimizer, check_finite
+from softprompt.optim import PromptOptimizer, check_finite, load_optimizer_tensors, optimizer_tensors
 from softprompt.precision import autocast, resolve_precision
 from softprompt.prompts import SoftPrompt, kind_class
 from softprompt.scoring import label_accuracy, label_set, mean_loss
@@ -116,30 +116,6 @@ def create_prompt(cfg: TrainConfig, base: BaseModel, template, label_words: list
     table_template = template if cfg.input_level else Template.default(n)
     table = init_table(table_template, parse_init(cfg.init), base.embedding.weight, base.tokenizer, cfg.seed, label_words)
     return cls.create(n, base, table, cfg.kind_options)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = v
-    for key, v in info["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
 class Trainer:
@@ -242,7 +218,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         tensors = {f"prompt.{k}": v for k, v in self.prompt.state_dict().items()}
-        opt_t, opt_info = _optimizer_tensors(self.opt)
+        opt_t, opt_info = optimizer_tensors(self.opt)
         tensors.update(opt_t)
         if self.best_tensors is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_tensors.items()})
@@ -269,7 +245,7 @@ class Trainer:
             raise SoftPromptError(f"{ck}: cannot resume, the run's settings differ in {', '.join(diff)}")
         tensors = load_file(str(ck / "state.safetensors"))
         self.prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
-        _load_optimizer(self.opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, state["optimizer"])
+        load_optimizer_tensors(self.opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}

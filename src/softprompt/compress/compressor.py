@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 
 from softprompt.artifact import build_meta, save_artifact
+from softprompt.atomic import atomic_replace_dir, atomic_save_tensors, atomic_write_json, recover_dir
 from softprompt.base_model import BaseModel, load_base
 from softprompt.batching import batch_plan
 from softprompt.compress.distill import OBJECTIVES, distill_loss, rows_batch
@@ -32,7 +34,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
 from softprompt.kv_prefix import reusable_prefix
 from softprompt.objectives import target_logits
-from softprompt.optim import PromptOptimizer, check_finite
+from softprompt.optim import PromptOptimizer, check_finite, load_optimizer_tensors, optimizer_tensors
 from softprompt.precision import autocast, resolve_precision
 from softprompt.prompts import SoftPrompt, kind_class
 
@@ -408,7 +410,22 @@ class Compressor:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "compress_checkpoint.pt"
+        return self.out / "compress_checkpoint"
+
+    def _save_checkpoint(self, prompt: SoftPrompt, optim: PromptOptimizer, best_state: dict | None, counters: dict) -> None:
+        """The prompt, AdamW's state and the best prompt as safetensors, the rest as JSON (never pickle),
+        replaced atomically."""
+        tensors = {f"prompt.{k}": v.detach().contiguous() for k, v in prompt.state_dict().items()}
+        opt_t, opt_info = optimizer_tensors(optim.opt)
+        tensors.update(opt_t)
+        tensors.update({f"best.{k}": v.contiguous() for k, v in (best_state or {}).items()})
+        state = {**counters, "optimizer": opt_info, "scheduler": optim.sched.state_dict()}
+
+        def build(tmp: Path) -> None:
+            atomic_save_tensors(tmp / "state.safetensors", tensors)
+            atomic_write_json(tmp / "state.json", state)
+
+        atomic_replace_dir(build, self.checkpoint_path)
 
     def train(self, entries: list[TeacherEntry], dev: list[TeacherEntry] | None = None) -> list[dict]:
         """The distillation loop; it runs only the student (the teacher's outputs come from ``entries``).
@@ -429,13 +446,16 @@ class Compressor:
         history: list[dict] = []
         best, best_step, bad, start = float("inf"), 0, 0, 0
         best_state = None
-        if c.resume and self.checkpoint_path.exists():
-            ck = torch.load(self.checkpoint_path, weights_only=False)
-            prompt.load_state_dict(ck["prompt"])
-            optim.opt.load_state_dict(ck["optim"])
-            optim.sched.load_state_dict(ck["sched"])
-            history, best, best_step, bad, start, best_state = (ck["history"], ck["best"], ck["best_step"], ck["bad"],
-                                                                ck["step"], ck["best_state"])
+        ck = recover_dir(self.checkpoint_path)
+        if c.resume and (ck / "state.json").exists():
+            from safetensors.torch import load_file
+
+            state, tensors = json.loads((ck / "state.json").read_text()), load_file(str(ck / "state.safetensors"))
+            prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
+            load_optimizer_tensors(optim.opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, state["optimizer"])
+            optim.sched.load_state_dict(state["scheduler"])
+            history, best, best_step, bad, start = state["history"], state["best"], state["best_step"], state["bad"], state["step"]
+            best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
         bar = tqdm(total=c.steps, initial=start, desc="compress", unit="step", disable=not self.progress, dynamic_ncols=True)
         self.stopped_early = False
         for step, idx in enumerate(plan, 1):
@@ -458,9 +478,8 @@ class Compressor:
                 else:
                     bad += 1
                 history.append(rec)
-                torch.save({"prompt": prompt.state_dict(), "optim": optim.opt.state_dict(), "sched": optim.sched.state_dict(),
-                            "history": history, "best": best, "best_step": best_step, "bad": bad, "step": step,
-                            "best_state": best_state}, self.checkpoint_path)
+                self._save_checkpoint(prompt, optim, best_state, {"history": history, "best": best, "best_step": best_step,
+                                                                  "bad": bad, "step": step})
                 if c.patience and bad >= c.patience:
                     self.stopped_early = True
                     bar.update(1)
@@ -584,7 +603,7 @@ class Compressor:
         if self.teacher.forwards != f1:  # the loop must not touch the teacher
             raise RuntimeError("teacher ran during training")
         self.save_prompt()
-        self.checkpoint_path.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_path, ignore_errors=True)
         train_s = time.perf_counter() - t1
         report = self.evaluate(held_entries)
         report["teacher"] = teacher_info
