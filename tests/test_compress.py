@@ -86,13 +86,16 @@ def test_distillation_loss_falls(tiny, tmp_path, objective):
 
 # -- the teacher cache -----------------------------------------------------------------------------
 def test_teacher_runs_once_and_its_cache_is_reused(tiny, tmp_path):
+    import softprompt.compress.compressor as cm
+
     cache = tmp_path / "cache"
     cfg = _cfg(steps=8, batch_size=2, cache_dir=str(cache))  # 6 training queries: more than 2 epochs
     job = Compressor(CONTEXT, cfg, _queries(), tmp_path / "a", base=tiny, progress=False)
     train, _ = job.split()
     entries, _ = job.teacher_entries("train", train)
-    # the context is encoded once; each query then costs one forward per continuation token
-    assert job.teacher.forwards == 1 + sum(len(e.cont) for e in entries)
+    # the context is encoded once; the queries (one batch) then cost one forward per token of the longest continuation
+    assert len(entries) <= cm.TEACHER_BATCH
+    assert job.teacher.forwards == 1 + max(len(e.cont) for e in entries)
     n = job.teacher.forwards
     job.train(entries)
     assert job.teacher.forwards == n  # no teacher forward in any epoch
@@ -127,6 +130,28 @@ def test_teacher_with_kv_reuse_matches_a_plain_forward(tiny, tmp_path):
         plain = tiny.model(input_ids=ids).logits[0, len(e.ids) - 1 - e.qlen:-1]  # query targets, then the continuation
         assert torch.allclose(job.teacher.forced_logits(e.ids, e.cont), plain[e.qlen:], atol=1e-4)
         assert torch.allclose(e.dists.full, torch.log_softmax(plain, -1).half().float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("loss_positions", ["all", "continuation"])
+def test_batched_teacher_equals_one_query_at_a_time(tiny, tmp_path, monkeypatch, loss_positions):
+    """Greedy teacher entries decoded 16 at a time (shared context cache, padded rows) equal the ones
+    decoded one query at a time: the same continuations, the same distributions."""
+    import softprompt.compress.compressor as cm
+
+    def entries(batch):
+        monkeypatch.setattr(cm, "TEACHER_BATCH", batch)
+        job = Compressor(CONTEXT, _cfg(topk=0, loss_positions=loss_positions), _queries(), tmp_path / f"p{batch}", base=tiny,
+                         progress=False, )
+        train, _ = job.split()
+        return job.teacher_entries("train", train)[0], job.teacher.forwards
+
+    one, f1 = entries(1)
+    many, f16 = entries(16)
+    assert f16 < f1  # batched for real
+    assert [e.cont for e in many] == [e.cont for e in one] and [e.ids for e in many] == [e.ids for e in one]
+    assert [e.qlen for e in many] == [e.qlen for e in one]
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a.dists.full, b.dists.full, atol=2e-3, rtol=0)
 
 
 # -- the report ------------------------------------------------------------------------------------

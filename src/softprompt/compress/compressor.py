@@ -32,13 +32,14 @@ from softprompt.data.examples import Example
 from softprompt.data.queries import Query
 from softprompt.errors import SoftPromptError
 from softprompt.init import InitSpec, init_table, parse_init
-from softprompt.kv_prefix import reusable_prefix
+from softprompt.kv_prefix import extends, reusable_prefix
 from softprompt.objectives import target_logits
 from softprompt.optim import PromptOptimizer, check_finite, load_optimizer_tensors, optimizer_tensors
 from softprompt.precision import autocast, resolve_precision
 from softprompt.prompts import SoftPrompt, kind_class
 
 log = logging.getLogger(__name__)
+TEACHER_BATCH = 16  # greedy teacher continuations decoded together (they share the context's cache)
 
 
 @dataclass
@@ -332,12 +333,25 @@ class Compressor:
         from tqdm.auto import tqdm
 
         dists_kept = split != "heldout"
-        for q, ids in tqdm(list(zip(queries, rows)), desc=f"teacher ({split})", disable=not self.progress, leave=False):
-            sample = c.sample_temperature if split == "train" else 0.0
-            from_pos = span_end + 1 if dists_kept and c.loss_positions == "all" else None
-            cont, dists = self.teacher.continue_(ids, c.max_new_tokens, c.temperature, c.topk, sample, gen, from_pos=from_pos)
-            qlen = len(ids) - from_pos if from_pos is not None else 0
-            entries.append(TeacherEntry(q.text, ids, cont, dists.to("cpu") if dists_kept else None, qlen))
+        sample = c.sample_temperature if split == "train" else 0.0
+        from_pos = span_end + 1 if dists_kept and c.loss_positions == "all" else None
+        prefix = self.teacher._prefix or []
+        # Greedy continuations of rows sharing the context's cache run TEACHER_BATCH at a time.
+        batched = (TEACHER_BATCH > 1 and sample <= 0 and bool(prefix) and all(extends(r, prefix) for r in rows)
+                   and (from_pos is None or from_pos > len(prefix)))
+        step = TEACHER_BATCH if batched else 1
+        bar = tqdm(total=len(rows), desc=f"teacher ({split})", disable=not self.progress, leave=False)
+        for at in range(0, len(rows), step):
+            part = rows[at:at + step]
+            if batched:
+                outs = self.teacher.continue_batch(part, c.max_new_tokens, c.temperature, c.topk, from_pos=from_pos)
+            else:
+                outs = [self.teacher.continue_(part[0], c.max_new_tokens, c.temperature, c.topk, sample, gen, from_pos=from_pos)]
+            for q, ids, (cont, dists) in zip(queries[at:at + step], part, outs):
+                qlen = len(ids) - from_pos if from_pos is not None else 0
+                entries.append(TeacherEntry(q.text, ids, cont, dists.to("cpu") if dists_kept else None, qlen))
+            bar.update(len(part))
+        bar.close()
         save_entries(path, entries, {"split": split, "context_tokens": len(self.ctx_ids)})
         return entries, False
 

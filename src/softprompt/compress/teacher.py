@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from softprompt.atomic import atomic_save_tensors
 from softprompt.base_model import BaseModel
-from softprompt.kv_prefix import extends, rewind
+from softprompt.kv_prefix import extends, kv_cache, layer_kv, rewind
 from softprompt.precision import autocast
 
 
@@ -141,6 +141,60 @@ class Teacher:
             out = self._forward([nxt], pos, out.past_key_values)
             pos += 1
         return cont, compress_dist(torch.stack(logits_rows), temperature, topk)
+
+    @torch.no_grad()
+    def continue_batch(self, rows: list[list[int]], max_new_tokens: int, temperature: float, topk: int,
+                       from_pos: int | None = None) -> list[tuple[list[int], TeacherDists]]:
+        """:meth:`continue_` (greedy) for many rows at once, each extending the context prefix: the
+        context's keys/values are shared by every row (expanded, not copied), the rows' own tokens are
+        right-padded and masked, and every row keeps its own positions; a row that ends waits masked
+        while the others go on."""
+        p = self._prefix
+        if p is None or not all(extends(r, p) for r in rows):
+            raise ValueError("continue_batch: every row must extend the context prefix (set_prefix first)")
+        if from_pos is not None and from_pos <= len(p):
+            raise ValueError(f"targets from position {from_pos} need logits before the reused prefix ({len(p)})")
+        rewind(self._cache, len(p))
+        keys, values = layer_kv(self._cache)
+        n, P, dev = len(rows), len(p), self.device
+        cache = kv_cache(list(zip(keys, values)), n, dev, keys[0].dtype, config=self.model.config)
+        lens = [len(r) - P for r in rows]
+        width = max(lens)
+        ids = torch.zeros(n, width, dtype=torch.long, device=dev)
+        mask = torch.zeros(n, P + width, dtype=torch.long, device=dev)
+        mask[:, :P] = 1
+        for i, (r, k) in enumerate(zip(rows, lens)):
+            ids[i, :k] = torch.as_tensor(r[P:], device=dev)
+            mask[i, P:P + k] = 1
+        pos = (P + torch.arange(width, device=dev)).expand(n, width)
+        self.forwards += 1
+        with autocast(dev, self.bf16):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        eos = set(self.base.eos_ids())
+        logits_rows: list[list[torch.Tensor]] = [[] for _ in rows]
+        if from_pos is not None:
+            for i, r in enumerate(rows):
+                logits_rows[i] += list(out.logits[i, from_pos - 1 - P:len(r) - 1 - P].float())
+        last = out.logits[torch.arange(n), torch.tensor(lens, device=dev) - 1].float()
+        conts: list[list[int]] = [[] for _ in rows]
+        done = [False] * n
+        next_pos = torch.tensor([len(r) for r in rows], device=dev)
+        for step in range(max_new_tokens):
+            nxt = last.argmax(-1)
+            for i in range(n):
+                if not done[i]:
+                    logits_rows[i].append(last[i])
+                    conts[i].append(int(nxt[i]))
+                    done[i] = int(nxt[i]) in eos or len(conts[i]) == max_new_tokens
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=dev)], 1)
+            self.forwards += 1
+            with autocast(dev, self.bf16):
+                out = self.model(input_ids=nxt.view(n, 1), attention_mask=mask, position_ids=(next_pos + step).view(n, 1),
+                                 past_key_values=out.past_key_values, use_cache=True)
+            last = out.logits[:, -1].float()
+        return [(c, compress_dist(torch.stack(lr), temperature, topk)) for c, lr in zip(conts, logits_rows)]
 
     @torch.no_grad()
     def forced_logits(self, ids: list[int], cont: list[int]) -> torch.Tensor:
