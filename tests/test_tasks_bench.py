@@ -66,6 +66,7 @@ def test_quick_run_writes_every_row_with_the_recipe_metric(quick):
                                                  and x["seed"] == r["seed"])["trainable_params"]
     check = doc["sst2_fewshot_check"]
     assert len(check["draws"]) == 2 and all(len(d["demo_labels"]) == 4 for d in check["draws"])
+    assert all(0.0 <= d[k] <= 1.0 for d in [*check["draws"], check["zero_shot"]] for k in ("accuracy", "calibrated_accuracy", "plain_accuracy"))
     md = (quick / "tasks.md").read_text()
     for heading in ("| task | metric | zero-shot |", "## Where soft prompts lose", "## Goal (issue 18 item 3)",
                     "## Why 4-shot SST-2 falls below zero-shot", "Hardware: "):
@@ -141,3 +142,19 @@ def test_t_interval_and_goal_verdicts_follow_the_numbers():
     md = "\n".join(tasks.analysis(doc, s))
     assert "- sst2: met" in md and "- trec: NOT met" in md and "Met on 1 of 2" in md
     assert "gap to LoRA -0.030" in md
+
+
+def test_fewshot_finding_follows_the_numbers():
+    def draw(seed, last, share, plain_share, acc=0.5, plain_acc=0.8):
+        return {"seed": seed, "demo_labels": ["positive", last], "last_label": last, "accuracy": acc, "calibrated_accuracy": acc,
+                "positive_share": share, "calibrated_positive_share": share, "plain_accuracy": plain_acc, "plain_positive_share": plain_share}
+
+    z = {"accuracy": 0.7, "calibrated_accuracy": 0.6, "positive_share": 0.7, "calibrated_positive_share": 0.8, "plain_accuracy": 0.85,
+         "plain_positive_share": 0.55}
+    check = {"n_eval": 32, "gold_positive_share": 0.5, "zero_shot": z, "draws": [draw(0, "negative", 1.0, 0.5), draw(1, "positive", 1.0, 0.4)]}
+    md = "\n".join(tasks.fewshot_section(check))
+    assert "moves the 'positive' share by 0%" in md and "not the cause here" in md
+    assert "comes from how the few-shot prompt is wrapped" in md and "does not beat plain zero-shot (0.850)" in md
+    check["draws"] = [draw(0, "negative", 0.2, 0.2), draw(1, "positive", 0.9, 0.9)]  # a recency effect, no chat collapse
+    md = "\n".join(tasks.fewshot_section(check))
+    assert "moves the 'positive' share by 70%" in md and "not the cause here" not in md and "wrapped" not in md
