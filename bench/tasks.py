@@ -162,7 +162,7 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
         if recipe.is_classification:
             preds = peers.peft_classify(model, trainer.fmt, test, recipe.label_words, bf16=bf16)
         else:
-            preds = peers.peft_generate(model, trainer.fmt, test, MAX_NEW[task], base.eos_ids(), bf16=bf16)
+            preds = peers.peft_generate(model, trainer.fmt, test, MAX_NEW[task], base.eos_ids(), batch_size=1, bf16=bf16)  # unpadded
         st.pop("losses")
         row("peft-prompt-tuning", seed, preds, train_s=train_s, eval_s=time.perf_counter() - t0, **st)
         del model
@@ -318,7 +318,8 @@ def analysis(doc: dict, summary: dict) -> list[str]:
         if task in ("sst2", "trec", "emotion", "agnews", "boolq"):
             goal_rows.append((task, beats, ours, base_best, b))
     if gaps:
-        md += ["", f"Gap to LoRA (ours - LoRA, mean over seeds): mean {statistics.mean(gaps.values()):+.3f} over {len(gaps)} tasks; ours at or "
+        md += ["", f"Gap to LoRA (ours - LoRA, mean over seeds): mean {statistics.mean(gaps.values()):+.3f} over {len(gaps)} tasks "
+               f"(LoRA ahead by {-statistics.mean(gaps.values()):.3f}); ours at or "
                f"above LoRA on {', '.join(t for t, g in gaps.items() if g >= 0) or 'none'}; below on "
                f"{', '.join(t for t, g in gaps.items() if g < 0) or 'none'}. Against PEFT's prompt tuning from the same init: ours above "
                f"its interval on {', '.join(vs_peft['above']) or 'none'}, below on {', '.join(vs_peft['below']) or 'none'}, "
@@ -343,7 +344,8 @@ def fewshot_section(check: dict | None) -> list[str]:
     md = ["## Why 4-shot SST-2 falls below zero-shot (measured)", "",
           f"{check['n_eval']} SST-2 test sentences (gold 'positive' share {gold:.0%}), the recipe's hand-written "
           "prompt, its 4 demonstrations drawn per seed from the training pool. Calibrated: each label's log-probability minus the one the "
-          "same prompt gives the content-free input 'N/A' (contextual calibration, Zhao et al. 2021)."
+          "same prompt gives the content-free input 'N/A' (contextual calibration, Zhao et al. 2021). Written by the run, or by "
+          "`bench/tasks.py --fewshot-check-only` into tasks_sst2_fewshot.json, which replaces it."
           + (" Plain: the same text without the chat template (a bare continuation, demonstrations and all)." if plain else ""), "",
           "| prompt | demonstration labels | accuracy | 'positive' share | calibrated accuracy | calibrated 'positive' share |"
           + (" plain accuracy | plain 'positive' share |" if plain else ""),
@@ -434,11 +436,15 @@ def markdown(doc: dict) -> str:
     md += ["## Setup notes", "",
            "- PEFT's prompt tuning gets our initial vectors copied into its prompt encoder (the `init max abs diff` column is "
            "PEFT's starting table against ours: 0 when the copy took) and runs its own forward and loss; it prepends its virtual "
-           "tokens before the chat header, ours sit where the recipe's template puts `[soft:N]`. Same token sequences otherwise.",
+           "tokens before the chat header, ours sit where the recipe's template puts `[soft:N]`. Same token sequences otherwise. "
+           "PEFT generates one example at a time: PEFT ignores position ids, so a left-padded batch would put the pads between its "
+           "virtual tokens and the text and shift every text position.",
            "- LoRA (r=8, alpha 16, every attention and MLP projection) trains on the recipe's template without the soft span, "
            "with our target-token loss, on the same batches; it is scored by the same label-ranking and greedy-decoding code as ours.",
            "- Classification is label ranking (summed log-probability of each label word); generation is greedy decoding.",
-           f"- Command: `{st['command']}`; started {st['date']}; {doc.get('wall_s', 0):.0f} s of wall time for the rows present.", ""]
+           f"- Command: `{st['command']}`; started {st['date']}; {doc.get('wall_s', 0):.0f} s of wall time for the rows present."]
+    md += [f"- Rerun: {st['rerun']}"] if st.get("rerun") else []
+    md += [""]
     return "\n".join(md) + "\n"
 
 
