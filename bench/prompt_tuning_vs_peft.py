@@ -42,42 +42,10 @@ def dev_examples(n: int, data_dir: Path):
     return load_split(recipe, str(data_dir), "dev", limit=n, seed=0), recipe.label_words
 
 
-def peft_accuracy(model, trainer, dev, labels, bf16: bool, batch_size: int = 16) -> float:
-    """Label ranking with the PEFT model itself: the summed log-probability of each label's tokens
-    after the same token sequence (without our slot markers; PEFT prepends its virtual tokens)."""
-    import torch
-
-    from softprompt.encoding import IGNORE
-
-    pad = trainer.base.tokenizer.pad_token_id
-    rows = []
-    for e in dev:
-        for lab in labels:
-            enc = trainer.fmt.encode(e, target=lab)
-            keep = [i for i, t in enumerate(enc.ids) if t >= 0]
-            rows.append(([enc.ids[i] for i in keep], [enc.labels[i] for i in keep]))
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(r[0]) for r in chunk)
-            ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in chunk])
-            mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in chunk])
-            lab = torch.tensor([r[1] + [IGNORE] * (width - len(r[1])) for r in chunk])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:]
-            lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            tgt = lab[:, 1:]
-            got = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != IGNORE)
-            scores += got.sum(-1).tolist()
-    scores = torch.tensor(scores).view(len(dev), len(labels))
-    preds = [labels[i] for i in scores.argmax(-1).tolist()]
-    return sum(p == e.target for p, e in zip(preds, dev)) / len(dev)
-
-
 def run_variant(name: str, args) -> dict:
     import torch
     from flops import model_dims, train_step_flops
+    from peers import peft_accuracy
 
     from softprompt.base_model import load_base
     from softprompt.encoding import IGNORE, collate
@@ -139,7 +107,7 @@ def run_variant(name: str, args) -> dict:
                 flops.append(train_step_flops(dims, lens, sum(lens)).total)
             losses.append(float(loss.detach()))
         model.eval()
-        acc = peft_accuracy(model, trainer, dev, label_words, bf16)
+        acc = peft_accuracy(model, trainer.fmt, dev, label_words, bf16)
     step = sum(times) / len(times)
     return {"variant": name, "step_s": step, "tokens_per_s": sum(tokens) / sum(times), "peak_rss_mb": peak_rss_mb(),
             "first_loss": losses[0], "last_loss": losses[-1], "steps_timed": len(times), "dev_accuracy": acc,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from softprompt.task_metrics import accuracy, bleu, bootstrap_ci, exact_match, macro_f1, normalize, rouge_l
+from softprompt.task_metrics import accuracy, bleu, bootstrap_ci, exact_match, macro_f1, metric_fn, normalize, rouge_l, token_f1
 
 
 def test_accuracy_and_exact_match():
@@ -20,6 +20,14 @@ def test_macro_f1_by_hand():
     assert macro_f1(preds, gold) == pytest.approx(0.8)
     # a class never predicted has F1 0
     assert macro_f1(["a", "a"], [["a"], ["b"]]) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_token_f1_by_hand():
+    # "the eiffel tower in paris" -> [eiffel, tower, in, paris]; ref [eiffel, tower]: P = 2/4, R = 1 -> F1 = 2/3
+    assert token_f1(["the Eiffel Tower in Paris"], [["Eiffel Tower"]]) == pytest.approx(2 / 3)
+    assert token_f1(["x", "paris"], [["y"], ["London", "Paris."]]) == pytest.approx(0.5)  # best reference, mean over examples
+    assert token_f1(["a"], [["the"]]) == 1.0  # both empty after normalization
+    assert metric_fn("f1") is token_f1
 
 
 def test_rouge_l_by_hand():

@@ -27,6 +27,18 @@ def exact_match(preds: Sequence[str], refs: Refs) -> float:
     return sum(any(normalize(p) == normalize(x) for x in r) for p, r in zip(preds, refs)) / max(len(preds), 1)
 
 
+def token_f1(preds: Sequence[str], refs: Refs) -> float:
+    """Mean token-overlap F1 after SQuAD normalization, best over each example's references (the SQuAD F1)."""
+    def f1(pred: str, ref: str) -> float:
+        p, r = normalize(pred).split(), normalize(ref).split()
+        common = sum(min(p.count(w), r.count(w)) for w in set(p))
+        if not p or not r:
+            return float(p == r)
+        return 0.0 if common == 0 else 2 * common / (len(p) + len(r))
+
+    return sum(max(f1(p, x) for x in r) for p, r in zip(preds, refs)) / max(len(preds), 1)
+
+
 def macro_f1(preds: Sequence[str], refs: Refs) -> float:
     gold = [r[0].strip() for r in refs]
     f1s = []
@@ -56,7 +68,7 @@ def bleu(preds: Sequence[str], refs: Refs) -> float:
 
 
 METRICS: dict[str, Callable[[Sequence[str], Refs], float]] = {
-    "accuracy": accuracy, "exact_match": exact_match, "macro_f1": macro_f1, "rouge_l": rouge_l, "bleu": bleu,
+    "accuracy": accuracy, "exact_match": exact_match, "f1": token_f1, "macro_f1": macro_f1, "rouge_l": rouge_l, "bleu": bleu,
 }
 
 

@@ -1,0 +1,160 @@
+"""bench/tasks.py (every task: zero-shot, few-shot, ours, PEFT prompt tuning from our init, LoRA) on a
+tiny model: the JSON has a row per task, method and seed with the recipe's metric; PEFT starts from
+our vectors; LoRA leaves the base model as it was; the summary's intervals and goal verdicts follow
+from the numbers."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, make_tiny_model
+from strict import need, need_module
+
+sys.path.insert(0, str(REPO / "bench"))
+need_module("peft")
+import peers  # noqa: E402
+import tasks  # noqa: E402
+
+ROW_KEYS = {"task", "method", "seed", "metric", "n_eval", "n_train", "bootstrap_low", "bootstrap_high"}
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory, smollm2_dir) -> Path:
+    """The tiny llama with a 2048-position window (rotary positions: no weights depend on it), so
+    BoolQ and SQuAD passages with demonstrations fit."""
+    d = make_tiny_model(tmp_path_factory.mktemp("tasks") / "tiny-long", smollm2_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 2048
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def quick(long_tiny, tmp_path_factory) -> Path:
+    need(SHARED_DATA.is_dir(), f"public datasets not found at {SHARED_DATA} (../shared/data from the repo root)")
+    out = tmp_path_factory.mktemp("tasks-out")
+    assert tasks.main(["--quick", "--model", str(long_tiny), "--out", str(out), "--tasks", "sst2,trec,squad",
+                       "--no-inner-progress"]) == 0
+    return out
+
+
+def test_quick_run_writes_every_row_with_the_recipe_metric(quick):
+    doc = json.loads((quick / "tasks.json").read_text())
+    assert doc["schema"] == tasks.SCHEMA and doc["setup"]["seeds"] == 2 and doc["hardware"]["cpu_model"]
+    keys = {(r["task"], r["method"], r["seed"]) for r in doc["rows"]}
+    want = {(t, "zero-shot", None) for t in ("sst2", "trec", "squad")}
+    want |= {(t, m, s) for t in ("sst2", "trec", "squad") for m in tasks.METHODS[1:] for s in (0, 1)}
+    assert keys == want and len(doc["rows"]) == len(want)
+    for r in doc["rows"]:
+        assert ROW_KEYS <= set(r), (r["task"], r["method"], sorted(ROW_KEYS - set(r)))
+        assert r["metric"] == {"sst2": "accuracy", "trec": "accuracy", "squad": "exact_match"}[r["task"]]
+        assert 0.0 <= r[r["metric"]] <= 1.0 and r["bootstrap_low"] <= r[r["metric"]] <= r["bootstrap_high"]
+        assert r["n_eval"] == (8 if r["task"] != "squad" else 4)
+        if r["task"] == "squad":
+            assert 0.0 <= r["f1"] <= 1.0 and r["f1"] >= r["exact_match"]
+        else:
+            assert math.isclose(sum(r["pred_share"].values()), 1.0)
+        if r["method"] in tasks.TRAINED:
+            assert r["trainable_params"] > 0 and r["train_s"] > 0
+        if r["method"] == "peft-prompt-tuning":
+            assert r["init_max_abs_diff"] == 0.0, "PEFT did not start from our initial vectors"
+            assert r["trainable_params"] == next(x for x in doc["rows"] if x["task"] == r["task"] and x["method"] == "ours"
+                                                 and x["seed"] == r["seed"])["trainable_params"]
+    check = doc["sst2_fewshot_check"]
+    assert len(check["draws"]) == 2 and all(len(d["demo_labels"]) == 4 for d in check["draws"])
+    assert all(0.0 <= d[k] <= 1.0 for d in [*check["draws"], check["zero_shot"]] for k in ("accuracy", "calibrated_accuracy", "plain_accuracy"))
+    md = (quick / "tasks.md").read_text()
+    for heading in ("| task | metric | zero-shot |", "## Where soft prompts lose", "## Goal (issue 18 item 3)",
+                    "## Why 4-shot SST-2 falls below zero-shot", "Hardware: "):
+        assert heading in md
+    assert (quick / "tasks.png").stat().st_size > 1000
+
+
+def test_render_rebuilds_the_markdown_from_the_json(quick):
+    before = (quick / "tasks.md").read_text()
+    (quick / "tasks.md").unlink()
+    assert tasks.main(["--render", "--out", str(quick)]) == 0
+    assert (quick / "tasks.md").read_text() == before
+
+
+def test_peft_prompt_tuning_starts_from_our_vectors(long_tiny):
+    """With lr 0 nothing moves, so PEFT's table after 'training' must be exactly our initial one (read
+    from PEFT's own prompt encoder, not from the stats the helper reports)."""
+    from softprompt.base_model import load_base
+    from softprompt.data.examples import Example
+    from softprompt.train import TrainConfig, Trainer
+
+    base = load_base(str(long_tiny), device="cpu", reuse=False)
+    train = [Example({"input": f"text {i}"}, ["yes", "no"][i % 2]) for i in range(8)]
+    cfg = TrainConfig(model=str(long_tiny), tokens=4, init="vocab", steps=2, batch_size=4, lr=0.0, precision="fp32", device="cpu", seed=3)
+    trainer = Trainer(cfg, train, None, "/nonexistent", base=base, progress=False)
+    ours = trainer.prompt.embeddings.detach().clone()
+    model, stats = peers.peft_prompt_tuning(trainer, ours.clone())
+    table = model.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(table, ours)
+    assert stats["init_max_abs_diff"] == 0.0 and stats["init_rms"] == pytest.approx(float(ours.pow(2).mean().sqrt()))
+    # PEFT's default start is far from ours (its N(0,1) init is about 10x real embeddings' scale): a missed copy shows
+    fresh = load_base(str(long_tiny), device="cpu", reuse=False)
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    default = get_peft_model(fresh.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    assert (default.prompt_encoder["default"].embedding.weight.detach() - ours).abs().max() > 0.1
+
+
+def test_lora_unload_gives_the_base_model_back(long_tiny):
+    from softprompt.base_model import load_base
+    from softprompt.data.examples import Example
+    from softprompt.encoding import PromptFormat
+    from softprompt.template import parse_template
+    from softprompt.train import TrainConfig, Trainer
+
+    base = load_base(str(long_tiny), device="cpu", reuse=False)
+    before = tasks.base_checksum(base)
+    train = [Example({"input": f"text {i}"}, ["yes", "no"][i % 2]) for i in range(8)]
+    cfg = TrainConfig(model=str(long_tiny), tokens=4, steps=3, batch_size=4, precision="fp32", device="cpu")
+    trainer = Trainer(cfg, train, None, "/nonexistent", base=base, progress=False)
+    body = PromptFormat(base.tokenizer, parse_template(cfg.template_source()).without_soft(), chat=True)
+    model, stats = peers.lora(trainer, body, lr=1e-2)
+    assert stats["trainable_params"] > 0 and tasks.base_checksum(base) != before  # LoRA is in the base's modules
+    model.unload()
+    assert tasks.base_checksum(base) == before
+
+
+def _rows(task, method, vals, metric="accuracy", **extra):
+    return [{"task": task, "method": method, "seed": None if method == "zero-shot" else i, "metric": metric, metric: v,
+             "bootstrap_low": v - 0.05, "bootstrap_high": v + 0.05, "first_loss": 3.0, "last_loss": 0.5,
+             "pred_share": {"a": 0.5, "b": 0.5}, "gold_share": {"a": 0.5, "b": 0.5}, **extra} for i, v in enumerate(vals)]
+
+
+def test_t_interval_and_goal_verdicts_follow_the_numbers():
+    lo, hi = tasks.t_interval([0.90, 0.91, 0.92])
+    assert (lo + hi) / 2 == pytest.approx(0.91) and (hi - lo) / 2 == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    rows = (_rows("sst2", "zero-shot", [0.60]) + _rows("sst2", "few-shot", [0.50, 0.55, 0.60]) + _rows("sst2", "ours", [0.90, 0.91, 0.92])
+            + _rows("sst2", "lora", [0.93, 0.94, 0.95])
+            + _rows("trec", "zero-shot", [0.60]) + _rows("trec", "few-shot", [0.62, 0.66, 0.70]) + _rows("trec", "ours", [0.60, 0.70, 0.80]))
+    doc = {"rows": rows}
+    s = tasks.summarize(doc)
+    assert s["sst2"]["zero-shot"]["low"] == pytest.approx(0.55)  # deterministic: the bootstrap interval
+    md = "\n".join(tasks.analysis(doc, s))
+    assert "- sst2: met" in md and "- trec: NOT met" in md and "Met on 1 of 2" in md
+    assert "gap to LoRA -0.030" in md
+
+
+def test_fewshot_finding_follows_the_numbers():
+    def draw(seed, last, share, plain_share, acc=0.5, plain_acc=0.8):
+        return {"seed": seed, "demo_labels": ["positive", last], "last_label": last, "accuracy": acc, "calibrated_accuracy": acc,
+                "positive_share": share, "calibrated_positive_share": share, "plain_accuracy": plain_acc, "plain_positive_share": plain_share}
+
+    z = {"accuracy": 0.7, "calibrated_accuracy": 0.6, "positive_share": 0.7, "calibrated_positive_share": 0.8, "plain_accuracy": 0.85,
+         "plain_positive_share": 0.55}
+    check = {"n_eval": 32, "gold_positive_share": 0.5, "zero_shot": z, "draws": [draw(0, "negative", 1.0, 0.5), draw(1, "positive", 1.0, 0.4)]}
+    md = "\n".join(tasks.fewshot_section(check))
+    assert "moves the 'positive' share by 0%" in md and "not the cause here" in md
+    assert "comes from how the few-shot prompt is wrapped" in md and "does not beat plain zero-shot (0.850)" in md
+    check["draws"] = [draw(0, "negative", 0.2, 0.2), draw(1, "positive", 0.9, 0.9)]  # a recency effect, no chat collapse
+    md = "\n".join(tasks.fewshot_section(check))
+    assert "moves the 'positive' share by 70%" in md and "not the cause here" not in md and "wrapped" not in md
