@@ -119,31 +119,27 @@ def _mean(rows: list[dict], var: str, key: str):
     return statistics.mean(vals) if vals else None
 
 
+def _fidelity(rows: list[dict]) -> dict:
+    """Mean fidelity of a cell's rows, and on how many the compressor beats truncation."""
+    return {"kl": _mean(rows, "soft", "kl_per_token"), "truncated_kl": _mean(rows, "truncated", "kl_per_token"),
+            "none_kl": _mean(rows, "none", "kl_per_token"), "gap_closed": _mean(rows, "soft", "kl_gap_closed"),
+            "truncated_gap_closed": _mean(rows, "truncated", "kl_gap_closed"), "top1": _mean(rows, "soft", "top1_agreement"),
+            "beats_truncation": sum(r["fidelity"]["soft"]["kl_per_token"] < r["fidelity"]["truncated"]["kl_per_token"] for r in rows)}
+
+
 def summarize(res: dict) -> dict:
     s: dict = {"length": [], "memory": []}
     groups: dict[str, list] = {}
     for r in res.get("length", []):
         groups.setdefault(r["bucket"], []).append(r)
     for b, rows in groups.items():
-        s["length"].append({"bucket": b, "contexts": len(rows), "tokens": statistics.mean(r["tokens"] for r in rows),
-                            "kl": _mean(rows, "soft", "kl_per_token"), "truncated_kl": _mean(rows, "truncated", "kl_per_token"),
-                            "none_kl": _mean(rows, "none", "kl_per_token"), "gap_closed": _mean(rows, "soft", "kl_gap_closed"),
-                            "truncated_gap_closed": _mean(rows, "truncated", "kl_gap_closed"),
-                            "top1": _mean(rows, "soft", "top1_agreement"),
-                            "beats_truncation": sum(r["fidelity"]["soft"]["kl_per_token"] < r["fidelity"]["truncated"]["kl_per_token"]
-                                                    for r in rows)})
+        s["length"].append({"bucket": b, "contexts": len(rows), "tokens": statistics.mean(r["tokens"] for r in rows), **_fidelity(rows)})
     for m, block in sorted(res.get("memory", {}).items(), key=_memory_order):
         rows = block["rows"]
         if not rows:
             continue
         s["memory"].append({"memory": m, "contexts": len(rows), "first_dev_kl": block["train"]["first_dev_kl"],
-                            "best_dev_kl": block["train"]["best_dev_kl"], "train_s": block["train"]["wall_s"],
-                            "kl": _mean(rows, "soft", "kl_per_token"), "truncated_kl": _mean(rows, "truncated", "kl_per_token"),
-                            "none_kl": _mean(rows, "none", "kl_per_token"), "gap_closed": _mean(rows, "soft", "kl_gap_closed"),
-                            "truncated_gap_closed": _mean(rows, "truncated", "kl_gap_closed"),
-                            "top1": _mean(rows, "soft", "top1_agreement"),
-                            "beats_truncation": sum(r["fidelity"]["soft"]["kl_per_token"] < r["fidelity"]["truncated"]["kl_per_token"]
-                                                    for r in rows)})
+                            "best_dev_kl": block["train"]["best_dev_kl"], "train_s": block["train"]["wall_s"], **_fidelity(rows)})
     return s
 
 
