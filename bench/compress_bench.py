@@ -156,10 +156,11 @@ def findings(rows: list[dict], prep: dict) -> list[str]:
             out.append(f"{name}, equal bytes: " + ", ".join(f"{r['run']} ({r['prompt_bytes'] / 1024:.0f} KiB, {r['student_positions']} "
                                                              f"positions) KL {r['soft_kl_per_token']:.3f}" for r in eb) + ".")
         curve = sorted((r for r in rows if r["context"] == name and r["run"].startswith("queries-")), key=lambda r: r["n_train"])
-        full = next((r for r in rs if r["run"] == "prefix-first"), None)
+        kind = curve[0]["kind"] if curve else None
+        full = next((r for r in rs if r["run"] == ("prompt-tuning" if kind == "prompt-tuning" else "prefix-first")), None)
         if curve and full:
             pts = [(r["n_train"] + r["n_dev"], r) for r in curve] + [(full["n_train"] + full["n_dev"], full)]
-            out.append(f"{name}, fidelity vs training queries (prefix-first): "
+            out.append(f"{name}, fidelity vs training queries ({full['run']}): "
                        + ", ".join(f"{q}: KL {r['soft_kl_per_token']:.3f} / top-1 {r['soft_top1_agreement']:.3f}" for q, r in pts) + ".")
     return out
 
@@ -194,6 +195,7 @@ def main() -> int:
     ap.add_argument("--squad", type=int, default=2, help="SQuAD contexts of 500-900 tokens")
     ap.add_argument("--contexts", default="instructions,squad", help="which contexts: instructions, squad or both")
     ap.add_argument("--curve", default="16,64", help="query counts for the fidelity-vs-queries curve (instructions, prefix)")
+    ap.add_argument("--curve-kind", default="prompt-tuning", choices=["prompt-tuning", "prefix"], help="the student of the queries curve")
     ap.add_argument("--runs", default="prompt-tuning,prefix-first,prefix-even,prefix-attention,equal-bytes")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=15)
@@ -265,7 +267,7 @@ def main() -> int:
             if ctx["kind"] == "instructions":
                 for q in [int(x) for x in args.curve.split(",") if x]:
                     if q < len(train):
-                        plan.append((1, ctx, f"queries-{q}", "prefix", n, "first", train[:q]))
+                        plan.append((1, ctx, f"queries-{q}", args.curve_kind, n, "first", train[:q]))
         plan.sort(key=lambda p: p[0])
         for _, ctx, label, kind, tokens, pos, tq in plan:
             held = state[ctx["name"]][0]
