@@ -68,23 +68,28 @@ def peft_accuracy(model, fmt, examples, labels, bf16: bool = False, batch_size: 
 
 
 @torch.no_grad()
-def peft_generate(model, fmt: PromptFormat, examples, max_new_tokens: int, eos_ids: list[int], batch_size: int = 8,
+def peft_generate(model, fmt: PromptFormat, examples, max_new_tokens: int, eos_ids: list[int], batch_size: int = 1,
                   bf16: bool = False) -> list[str]:
-    """Greedy completions from a PEFT prompt-tuning model (its own ``generate``), decoded as
-    softprompt.generate decodes ours (special tokens skipped)."""
+    """Greedy completions from a PEFT prompt-tuning model, one example at a time, each step a whole
+    forward through PEFT's own ``forward`` (which prepends the virtual tokens), decoded as
+    softprompt.generate decodes ours (special tokens skipped).
+
+    Not ``model.generate``: with peft 0.21.2 and transformers 5 its cached decoding goes wrong after
+    the first token (runs of newlines where a cache-free loop over the same model writes text; seen
+    on SmolLM2), so the loop here is the reference. ``batch_size`` is ignored (PEFT drops position
+    ids, so a padded batch would shift positions)."""
     tok, out = fmt.tok, []
-    for start in range(0, len(examples), batch_size):
-        rows = [without_markers(fmt.encode(e, with_target=False)) for e in examples[start:start + batch_size]]
-        batch = _pad(rows, tok.pad_token_id, left=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos_ids, pad_token_id=tok.pad_token_id)
-        width = batch["input_ids"].shape[1]
-        inp = batch["input_ids"]
-        new = ids[:, width:] if ids.shape[1] >= width and torch.equal(ids[:, :width], inp) else ids  # with or without the input echoed
-        for row in new.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-            out.append(tok.decode(row[:cut], skip_special_tokens=True))
+    for e in examples:
+        ids, _ = without_markers(fmt.encode(e, with_target=False))
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids + new])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                nxt = int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax())
+            if nxt in eos_ids:
+                break
+            new.append(nxt)
+        out.append(tok.decode(new, skip_special_tokens=True))
     return out
 
 

@@ -158,3 +158,29 @@ def test_fewshot_finding_follows_the_numbers():
     check["draws"] = [draw(0, "negative", 0.2, 0.2), draw(1, "positive", 0.9, 0.9)]  # a recency effect, no chat collapse
     md = "\n".join(tasks.fewshot_section(check))
     assert "moves the 'positive' share by 70%" in md and "not the cause here" not in md and "wrapped" not in md
+
+
+def test_peft_generation_equals_our_generate_with_the_same_vectors_in_front(long_tiny):
+    """PEFT prepends its virtual tokens to everything; our prompt with the same vectors in a
+    ``[soft:N] {input}`` template (no chat wrapper) sees the same sequence, so greedy text must agree."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from softprompt.base_model import load_base
+    from softprompt.data.examples import Example
+    from softprompt.encoding import PromptFormat
+    from softprompt.generate import SamplingParams, generate
+    from softprompt.prompts import PromptTuning
+    from softprompt.template import parse_template
+
+    base = load_base(str(long_tiny), device="cpu", reuse=False)
+    torch.manual_seed(0)
+    vecs = base.model.get_input_embeddings().weight[torch.randint(0, 1000, (4,))].detach().clone()
+    ours = PromptTuning(4, base.hidden_size, init=vecs.clone())
+    fmt = PromptFormat(base.tokenizer, parse_template("[soft:4]{input}"), chat=False)
+    texts = ["the movie was", "a b c d e f"]
+    want = generate(base, ours, fmt, texts, SamplingParams(max_new_tokens=8))
+    model = get_peft_model(base.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(vecs)
+    got = peers.peft_generate(model, fmt, [Example({"input": t}) for t in texts], 8, base.eos_ids())
+    assert got == want and all(w.strip() for w in want)
