@@ -426,6 +426,10 @@ class Compressor:
     def checkpoint_path(self) -> Path:
         return self.out / "compress_checkpoint"
 
+    def drop_checkpoint(self) -> None:
+        """Remove the resume checkpoint (once the prompt is saved)."""
+        shutil.rmtree(self.checkpoint_path, ignore_errors=True)
+
     def _save_checkpoint(self, prompt: SoftPrompt, optim: PromptOptimizer, best_state: dict | None, counters: dict) -> None:
         """The prompt, AdamW's state and the best prompt as safetensors, the rest as JSON (never pickle),
         replaced atomically."""
@@ -617,7 +621,7 @@ class Compressor:
         if self.teacher.forwards != f1:  # the loop must not touch the teacher
             raise RuntimeError("teacher ran during training")
         self.save_prompt()
-        shutil.rmtree(self.checkpoint_path, ignore_errors=True)
+        self.drop_checkpoint()
         train_s = time.perf_counter() - t1
         report = self.evaluate(held_entries)
         report["teacher"] = teacher_info

@@ -276,7 +276,7 @@ class Converter(Compressor):
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "convert_checkpoint.pt"
+        return self.out / "convert_checkpoint"
 
     # -- the report --------------------------------------------------------------------------------
     def task_scores(self, examples: list[Example]) -> dict | None:
@@ -346,7 +346,7 @@ class Converter(Compressor):
         teacher_s = time.perf_counter() - t0
         self.train(fit, dev)
         self.save_prompt()
-        self.checkpoint_path.unlink(missing_ok=True)
+        self.drop_checkpoint()
         report = self.evaluate(held)
         report["time"] = {"teacher_s": teacher_s, "total_s": time.perf_counter() - self.t_start}
         write_convert_report(report, self.out)
