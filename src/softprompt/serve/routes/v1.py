@@ -52,6 +52,7 @@ async def context_prompt(server: Server, tenant: Tenant, body: Body) -> LoadedPr
 
     ctx = server.contexts
     if ctx is None:
+        await resolve(server, tenant, body.model)  # an unknown model is 404 first, as without a context
         raise APIError(400, "this server has no compressor, so it takes no 'context': start softprompt serve with "
                             "--compressor DIR (or send a named prompt in 'model')", param="context", code="no_compressor")
     if body.model not in (BASE_NAME, ctx.name):
