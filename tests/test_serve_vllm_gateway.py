@@ -148,3 +148,17 @@ def test_a_request_waiting_too_long_for_an_upstream_slot_gets_429(tiny_dir, prom
             assert err["code"] == "queue_timeout" and int(r.headers["retry-after"]) >= 1
             t.join(120)
             assert box["r"].status_code == 200 and box["r"].json()["usage"]["completion_tokens"] == 30
+
+
+def test_vllm_logprobs_become_our_token_events_without_the_end_token(gateway, base):
+    """vLLM reports a logprob for the end-of-sequence token at a stop; our engine gives that token none (its
+    text is not output), so the gateway drops it (the real-server comparison: tests/test_vllm.py)."""
+    from softprompt.serve.engine import Request
+
+    eng, eos = gateway.server.engine, base.eos_ids()[0]
+    events: list[tuple] = []
+    req = Request("r", None, [1, 2], SamplingParams(4, 0.0), events.append, logprobs=1)
+    choice = {"logprobs": {"tokens": ["token_id:5", "token_id:7", f"token_id:{eos}"], "token_logprobs": [-0.5, -1.0, -0.1],
+                           "top_logprobs": [{"token_id:5": -0.5, "token_id:6": -2.0}, {"token_id:7": -1.0}, {f"token_id:{eos}": -0.1}]}}
+    eng._tokens(req, choice)
+    assert events == [("token", 5, -0.5, [(5, -0.5)]), ("token", 7, -1.0, [(7, -1.0)])]

@@ -103,6 +103,7 @@ class VLLMEngine:
         if name not in DTYPES:
             raise SoftPromptError(f"upstream dtype {name!r}: choose from {', '.join(DTYPES)}")
         self.base, self.tok = base, base.tokenizer
+        self.eos = set(base.eos_ids())
         self.dtype = DTYPES[name]
         self.upstreams = [Upstream(u.rstrip("/")) for u in upstreams]
         self.metrics = metrics or Metrics()
@@ -364,7 +365,8 @@ class VLLMEngine:
         req.emit(("done", reason, usage))
 
     def _tokens(self, req: Request, choice: dict) -> None:
-        """Logprobs in the engine's ``("token", id, logprob, top)`` events (tokens come as ``token_id:N``)."""
+        """Logprobs in the engine's ``("token", id, logprob, top)`` events (tokens come as ``token_id:N``); the
+        end-of-sequence token vLLM reports at a stop gets none, as in our engine (its text is not output)."""
         lp = choice.get("logprobs")
         if req.logprobs is None or not lp:
             return
@@ -374,6 +376,8 @@ class VLLMEngine:
 
         tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
         for t, val, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops):
+            if tid(t) in self.eos:
+                continue
             alts = sorted(((tid(k), v) for k, v in (top or {}).items()), key=lambda x: -x[1])[:req.logprobs]
             req.emit(("token", tid(t), float(val), alts))
 
