@@ -3,7 +3,8 @@
 
 One vLLM server (scripts/serve_vllm.sh, fp32, small window) is started on 127.0.0.1 for the session.
 Greedy outputs through the gateway must equal our own engine's, token for token, for prompt-tuning,
-P-tuning and hybrid-template prompts on SmolLM2; vLLM's own /metrics give the prefix-cache hit rate."""
+P-tuning, hybrid-template and compressed-context prompts on SmolLM2, and so must its logprobs; vLLM's own
+/metrics give the prefix-cache hit rate."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import torch
 from serve_helpers import LiveServer, _free_port
 
 from softprompt.artifact import build_meta, save_artifact
+from softprompt.compress import CompressConfig, Query, compress
 from softprompt.encoding import PromptFormat
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.prompts import PrefixTuning, PromptTuning, PTuning
@@ -24,6 +26,7 @@ from softprompt.serve.auth import Auth
 from softprompt.serve.registry import Registry
 from softprompt.serve.schemas import Limits
 from softprompt.serve.server import Server
+from softprompt.serve.vllm_engine import encode_embeds
 from softprompt.template import parse_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +45,10 @@ PROMPTS = {  # name: (kind, template, chat)
     "critic": ("prompt-tuning", "[soft:8] You are a film critic. Read the review below and answer with one word, positive or "
                "negative, then explain your answer in one short sentence. Review: {input}", True),
 }
+COMPRESS_CONTEXT = ("The harbor town of Vell sits between two cliffs. Its lighthouse was built in 1871 by Ada Moreau, "
+                    "who also founded the town's school. Fishing boats leave at dawn and return before noon.")
+COMPRESS_QUERIES = ["Who built the lighthouse?", "When was the lighthouse built?", "What does the town sit between?",
+                    "Who founded the school?", "When do boats leave?", "What is the town called?"]
 TEXTS = ["a gorgeous, witty film", "the plot was dull and the acting worse", "What is the capital of France?"]
 MAX_TOKENS = 24
 
@@ -85,6 +92,10 @@ def real_prompts(smollm2, tmp_path_factory) -> Path:
             prompt.eval()
         fmt = PromptFormat(smollm2.tokenizer, parse_template(template), chat=chat)
         save_artifact(root / name, prompt, build_meta(prompt, template, smollm2, format=fmt.describe()))
+    # A compressed context, as `softprompt compress` writes it (a short run: its format, not its fidelity, is tested)
+    compress(COMPRESS_CONTEXT, CompressConfig(tokens=8, steps=3, eval_every=3, batch_size=4, max_new_tokens=6,
+                                              precision="fp32", baselines=(), timing_repeats=1, heldout=0.25),
+             [Query(q) for q in COMPRESS_QUERIES], root / "compressed", base=smollm2, progress=False)
     return root
 
 
@@ -136,7 +147,7 @@ def _agree(a: list[int], b: list[int]) -> int:
     return n
 
 
-@pytest.mark.parametrize("name", ["pt", "ptune", "hybrid", "hybrid-chat"])
+@pytest.mark.parametrize("name", ["pt", "ptune", "hybrid", "hybrid-chat", "compressed"])
 def test_greedy_on_vllm_equals_our_engine(smollm2, vllm_url, gateway, native, name):
     for text in TEXTS:
         ours = _our_ids(smollm2, native, name, text)
@@ -149,6 +160,46 @@ def test_greedy_on_vllm_equals_our_engine(smollm2, vllm_url, gateway, native, na
         via_gateway = _post(gateway.url, "/v1/completions", body)["choices"][0]["text"]
         via_native = _post(native.url, "/v1/completions", body)["choices"][0]["text"]
         assert via_gateway == via_native, (name, text)
+
+
+def test_logprobs_on_vllm_equal_our_engines(gateway, native):
+    """Completions and chat logprobs through the gateway (vLLM's, forwarded) match our engine's in fp32: the
+    same tokens, the same top alternatives, log-probabilities within 1e-3."""
+    for path, body in [("/v1/completions", {"model": "critic", "prompt": TEXTS[1], "logprobs": 3}),
+                       ("/v1/chat/completions", {"model": "pt", "messages": [{"role": "user", "content": TEXTS[2]}],
+                                                 "logprobs": True, "top_logprobs": 3})]:
+        body.update(max_tokens=8, temperature=0)
+        g, nat = (_post(s.url, path, body)["choices"][0]["logprobs"] for s in (gateway, native))
+        if path == "/v1/completions":
+            assert g["tokens"] == nat["tokens"] and len(g["tokens"]) >= 4
+            assert [sorted(t) for t in g["top_logprobs"]] == [sorted(t) for t in nat["top_logprobs"]]
+            pairs = list(zip(g["token_logprobs"], nat["token_logprobs"]))
+            pairs += [(a[k], b[k]) for a, b in zip(g["top_logprobs"], nat["top_logprobs"]) for k in a]
+        else:
+            assert [t["token"] for t in g["content"]] == [t["token"] for t in nat["content"]] and len(g["content"]) >= 4
+            assert [[a["token"] for a in t["top_logprobs"]] for t in g["content"]] == \
+                [[a["token"] for a in t["top_logprobs"]] for t in nat["content"]]
+            pairs = [(a["logprob"], b["logprob"]) for a, b in zip(g["content"], nat["content"])]
+            pairs += [(x["logprob"], y["logprob"]) for a, b in zip(g["content"], nat["content"])
+                      for x, y in zip(a["top_logprobs"], b["top_logprobs"])]
+        worst = max(abs(a - b) for a, b in pairs)
+        assert worst < 1e-3, (path, worst)
+
+
+def test_chat_content_parts_are_not_the_prompts_input(vllm_url, gateway):
+    """Why the gateway sends the whole templated prompt as embeddings and not a chat request with a
+    ``prompt_embeds`` part beside text parts: vLLM joins a message's parts with a newline (string-format
+    chat templates), so the soft rows and the text around them are no longer the prompt's input. If this
+    starts failing, vLLM changed, and chat parts (text sent as text: fewer bytes) may become exact."""
+    lp = gateway.server.registry.get("pt")  # "[soft:8] {input}" in the chat template
+    eng = gateway.server.engine
+    vectors = lp.prompt.export_tensors()["prompt_embeddings"].to(eng.dtype)
+    body = {"model": eng.upstreams[0].model, "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "prompt_embeds", "data": encode_embeds(vectors)},
+                                                      {"type": "text", "text": " " + TEXTS[0]}]}]}
+    parts = _post(vllm_url, "/v1/chat/completions", body)["usage"]["prompt_tokens"]
+    ours = len(lp.fmt.prompt_ids(lp.example(TEXTS[0])))
+    assert parts > ours, (parts, ours)  # the joining newline
 
 
 def test_chat_stream_and_n_on_vllm(gateway, native):
