@@ -509,6 +509,17 @@ def test_the_report_is_written_with_any_subset_of_baselines(tiny, tmp_path, base
         assert f"- {k}: {ex[k]!r}" in md
 
 
+@pytest.mark.parametrize("kind,lr", [("prompt-tuning", 0.03), ("prefix", 0.005)])
+def test_the_resolved_learning_rate_is_recorded(tiny, tmp_path, kind, lr):
+    """With no --lr the kind's default trains, and the report and the artifact's train_config say which."""
+    from softprompt.artifact import load_artifact
+
+    res = compress(CONTEXT, _cfg(lr=None, kind=kind, steps=2, baselines=()), _queries(), tmp_path / "p", base=tiny,
+                   progress=False)
+    assert res.report["train"]["lr"] == lr
+    assert load_artifact(tmp_path / "p", base=tiny).meta["train_config"]["lr"] == lr
+
+
 def test_missing_dependencies_are_found_before_any_work(tiny, tmp_path, monkeypatch):
     import importlib.util
 
