@@ -376,10 +376,11 @@ class VLLMEngine:
 
         tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
         for t, val, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops):
-            if tid(t) in self.eos:
+            token = tid(t)
+            if token in self.eos:
                 continue
             alts = sorted(((tid(k), v) for k, v in (top or {}).items()), key=lambda x: -x[1])[:req.logprobs]
-            req.emit(("token", tid(t), float(val), alts))
+            req.emit(("token", token, float(val), alts))
 
     def _render_metrics(self) -> list[str]:
         lines: list[str] = []
