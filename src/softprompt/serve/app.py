@@ -29,7 +29,7 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
                  limits: Limits | None = None, max_batch: int = 16, max_batch_tokens: int = 512, max_queue: int = 64,
                  prefix_cache: bool = True, cache_bytes: int = 512 << 20,
                  watch_interval: float | None = 1.0, compressor: str | Path | None = None,
-                 context_cache: int = 64) -> Server:
+                 context_cache: int = 64, decode: str = "eager") -> Server:
     """A :class:`Server` for the prompt artifacts under ``prompts`` on ``model`` (tenants from the
     ``keys`` file; without one the API is open). With ``compressor`` (an amortized compressor for
     this base, fingerprint-checked) requests may carry a ``context``, and ``PUT /admin/contexts/{name}``
@@ -65,7 +65,7 @@ def build_server(model: str, prompts: str | Path, *, device: str | None = None, 
     registry = Registry(base, prompts, budget_bytes=prompt_memory_bytes)
     return Server(base, registry, auth, limits, max_batch=max_batch, max_queue=max_queue,
                   max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache, cache_bytes=cache_bytes,
-                  watch_interval=watch_interval, contexts=contexts)
+                  watch_interval=watch_interval, contexts=contexts, decode=decode)
 
 
 def route_template(request: Request) -> str:

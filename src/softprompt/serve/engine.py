@@ -25,6 +25,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
 from softprompt.kv_prefix import common_prefix_len, extends
 from softprompt.prompts import SoftPrompt, as_prompt
+from softprompt.serve.decode_step import DecodeStep, unsupported
 from softprompt.serve.kv_cache import PrefixCache, PrefixKV, materialize
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.registry import LoadedPrompt
@@ -33,6 +34,7 @@ from softprompt.serve.slots import Chunk, Plan, SlotKV, check_model
 log = logging.getLogger(__name__)
 
 EMPTY = PrefixKV([], [], [], 0, 0)
+DECODE_CHOICES = ("eager", "compiled", "transformers")  # how pure decode steps run (Engine's ``decode``)
 
 
 class QueueFull(Exception):
@@ -117,7 +119,7 @@ class Engine:
     at most (a long prompt is prefilled in chunks, so running rows keep decoding meanwhile)."""
 
     def __init__(self, base: BaseModel, cache: PrefixCache, metrics: Metrics | None = None,
-                 max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 512):
+                 max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 512, decode: str = "eager"):
         if max_batch_tokens < max_batch:
             raise SoftPromptError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch ({max_batch})")
         self.base, self.model, self.tok = base, base.model, base.tokenizer
@@ -135,8 +137,33 @@ class Engine:
         check_model(self.model)
         self.kv = SlotKV.for_model(self.model, max_batch)
         self.initial_capacity = self.kv.capacity
+        self.decode_step = self._decode_step(decode)
         self.joins = 0  # rows admitted while other rows were running (continuous batching at work)
         self.cancelled_rows = 0  # running rows dropped because their client went away
+
+    def _decode_step(self, decode: str) -> DecodeStep | None:
+        """The written-out decode step (:mod:`softprompt.serve.decode_step`) for ``decode`` "eager" or
+        "compiled", checked against the transformers forward; ``None`` for "transformers", or when the
+        model has none ("eager" falls back to the transformers forward; "compiled" refuses)."""
+        if decode not in DECODE_CHOICES:
+            raise SoftPromptError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+        if decode == "transformers":
+            return None
+        why = unsupported(self.model)
+        if why is None:
+            try:
+                t = time.monotonic()
+                step = DecodeStep(self.model, self.kv, compile=decode == "compiled")
+                err = step.verify()
+                log.info("decode steps: written out (%s), checked against transformers (relative logit difference "
+                         "%.2g) in %.1f s", decode, err, time.monotonic() - t)
+                return step
+            except ValueError as e:
+                why = str(e)
+        if decode == "compiled":
+            raise SoftPromptError(f"--compile: {why}; serve without it")
+        log.info("decode steps run the transformers forward: %s", why)
+        return None
 
     # -- client side (any thread) ------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -371,9 +398,13 @@ class Engine:
             if n == len(r.pending):
                 sampling.append(r)
                 keep.append(off - 1)
-        with self.kv.packed(self.model, plan):
-            out = self.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=self.kv, use_cache=True,
-                             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device), slot_kv=self.kv)
+        if not chunks and self.decode_step is not None:  # slots 0..n-1: every running row decodes
+            logits = self.decode_step(embeds[0], position_ids[0], torch.tensor(plan.decode_cols, device=self.device))
+        else:
+            with self.kv.packed(self.model, plan):
+                logits = self.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=self.kv,
+                                    use_cache=True, slot_kv=self.kv,
+                                    logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device)).logits[0]
         for r in decoding:
             r.length += 1
             r.next_pos += 1
@@ -386,7 +417,7 @@ class Engine:
         phase = "decode" if not chunks else "prefill" if not decoding else "mixed"
         self.metrics.step(phase, len(decoding) + len(chunks))
         if sampling:
-            self._sample(sampling, out.logits[0])
+            self._sample(sampling, logits)
 
     def _store_prefix(self, row: _Row) -> None:
         """Copy the row's prompt prefix (its ready-made slots, then the prefix tokens) into the cache."""

@@ -18,14 +18,15 @@ class Server:
 
     def __init__(self, base: BaseModel, registry: Registry, auth: Auth, limits: Limits | None = None,
                  max_batch: int = 16, max_queue: int = 64, prefix_cache: bool = True, cache_bytes: int = 512 << 20,
-                 watch_interval: float | None = 1.0, max_batch_tokens: int = 512, engine=None, contexts=None):
+                 watch_interval: float | None = 1.0, max_batch_tokens: int = 512, engine=None, contexts=None,
+                 decode: str = "eager"):
         self.base, self.registry, self.auth, self.limits = base, registry, auth, limits or Limits()
         self.metrics = Metrics()
         self.cache = PrefixCache(cache_bytes, enabled=prefix_cache)
         # ``engine``: a factory ``(metrics) -> engine`` for another engine (``--engine vllm``); default: ours
         self.engine = (engine(self.metrics) if engine is not None else
                        Engine(base, self.cache, self.metrics, max_batch=max_batch, max_queue=max_queue,
-                              max_batch_tokens=max_batch_tokens))
+                              max_batch_tokens=max_batch_tokens, decode=decode))
         registry.on_change = lambda name, old_hash: self.engine.forget(old_hash)
         # ``contexts``: a softprompt.serve.from_context.ContextPrompts (``--compressor``), or None
         self.contexts = contexts
