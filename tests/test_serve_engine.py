@@ -16,18 +16,34 @@ from softprompt.serve.kv_cache import PrefixCache
 from softprompt.serve.registry import Registry
 
 
+@pytest.mark.parametrize("decode", ["eager", "transformers"])
 @pytest.mark.parametrize("cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
 @pytest.mark.parametrize("budget", [512, 7], ids=["whole-prompts", "chunked-prefill"])
-def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache, budget):
+def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache, budget, decode):
     """One batch holds every kind (prompt tuning, hybrid, P-tuning, prefix), chat and plain formats,
     prefixes of different lengths, and bare-model rows; greedy output equals each run alone. With a
     budget of 7 tokens per forward, prompts are prefilled in chunks across forwards while other
-    rows decode."""
+    rows decode. Pure decode steps run the written-out step (``eager``) or transformers' forward."""
+    run_mixed_batch(base, prompts_dir, cache, budget, decode)
+
+
+@pytest.mark.slow
+def test_mixed_batch_with_the_compiled_decode_step(base, prompts_dir):
+    """``--compile``: the same mixed batch, its decode steps through torch.compile, still equals each
+    prompt run alone (greedy tokens; the logits move by summation order only)."""
+    run_mixed_batch(base, prompts_dir, True, 7, "compiled")
+
+
+def run_mixed_batch(base, prompts_dir, cache: bool, budget: int, decode: str) -> None:
     registry = Registry(base, prompts_dir)
     registry.scan()
     # A batch of 6 slots and different lengths: rows finish at different steps and newcomers join a
     # running batch whose keys/values are wider or narrower than theirs.
-    engine = Engine(base, PrefixCache(enabled=cache), max_batch=6, max_batch_tokens=budget)
+    engine = Engine(base, PrefixCache(enabled=cache), max_batch=6, max_batch_tokens=budget, decode=decode)
+    assert (engine.decode_step is None) == (decode == "transformers")
+    if engine.decode_step is not None:  # count the steps that went through it
+        calls, inner = [], engine.decode_step._forward
+        engine.decode_step._forward = lambda *a: calls.append(a[0].shape[0]) or inner(*a)
     jobs = [(n, t) for n in A_PROMPTS for t in TEXTS]
     results: dict[int, tuple] = {}
     for i, (name, text) in enumerate(jobs):
@@ -45,6 +61,8 @@ def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache, budget):
     engine.stop()
     assert engine.joins > 0 and engine.metrics.batch_rows_total > engine.metrics.forwards["decode"]
     assert engine.metrics.forwards["mixed"] > 0  # newcomers' prompts ran in the same forwards as decoding rows
+    if engine.decode_step is not None:  # every pure decode forward, of 1 row up to the whole batch
+        assert len(calls) == engine.metrics.forwards["decode"] and 1 in calls and max(calls) > 2
     for i, (name, text) in enumerate(jobs):
         params = SamplingParams(max_new_tokens=3 + (i * 5) % 11)
         want = (base_reference(base, base.tokenizer(text).input_ids, params) if name == "base"
