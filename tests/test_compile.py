@@ -3,28 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from strict import need
+from strict import inductor_missing, need
 
 from softprompt.data.readers import read_examples
 from softprompt.train import TrainConfig, Trainer
 
 
-def _inductor_missing() -> str | None:
-    """Why torch.compile's default (inductor) backend cannot build CPU kernels here, or None."""
-    if not hasattr(torch, "compile"):
-        return "this torch has no torch.compile"
-    try:
-        from torch._inductor import cpp_builder
-
-        cpp_builder.get_cpp_compiler()
-    except Exception as e:  # no C++ compiler found: inductor cannot build its CPU kernels
-        return f"inductor has no C++ compiler: {e}"
-    return None
-
-
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tiny, tiny_dir, sentiment_files, tmp_path):
-    need(_inductor_missing() is None, str(_inductor_missing()))
+    need(inductor_missing() is None, str(inductor_missing()))
     data = read_examples(sentiment_files[0])
     losses, prompts = {}, {}
     for compile_ in (False, True):

@@ -1,7 +1,7 @@
 """The written-out decode step (softprompt.serve.decode_step): bit-equal to transformers' forward in
 eager mode (fp32 and bf16, packed and plain linears, a one-slot pool), its check at start-up catches
-a step that computes something else, models it does not know fall back (or refuse ``--compile``),
-and the compiled step's logits stay within summation-order distance of the eager one's."""
+a step that computes something else, and models it does not know fall back (or refuse ``--compile``).
+The compiled step is tested in test_serve_engine.py (a mixed batch through it)."""
 from __future__ import annotations
 
 import copy
@@ -82,15 +82,7 @@ def test_engine_falls_back_for_a_model_it_does_not_know(base, monkeypatch):
 def test_engine_falls_back_when_the_check_fails(base, monkeypatch):
     """A written-out step that disagrees with transformers is never used: the engine serves with
     transformers' forward (and ``--compile`` refuses to start)."""
-    monkeypatch.setattr(DecodeStep, "verify", lambda self, tol=None: (_ for _ in ()).throw(ValueError("it differs")))
+    monkeypatch.setattr(DecodeStep, "verify", lambda self, tol=None, ids=None: (_ for _ in ()).throw(ValueError("it differs")))
     assert Engine(base, PrefixCache(), max_batch=2).decode_step is None
     with pytest.raises(SoftPromptError, match="--compile: it differs"):
         Engine(base, PrefixCache(), max_batch=2, decode="compiled")
-
-
-@pytest.mark.slow
-def test_compiled_step_is_close_to_eager(base):
-    model = model_copy(base, packed=True)
-    step = DecodeStep(model, SlotKV.for_model(model, 4), compile=True)
-    err = step.verify()
-    assert 0.0 <= err < 1e-3

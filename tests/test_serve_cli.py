@@ -66,3 +66,11 @@ def test_cli_serves_with_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny
 def test_cli_refuses_a_token_budget_below_the_batch(tmp_path):
     r = _cli("serve", "--prompts", str(tmp_path), "--max-batch", "8", "--max-batch-tokens", "4")
     assert r.returncode == 2 and "--max-batch-tokens" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_refuses_compile_with_the_vllm_engine(tmp_path, capsys):
+    from softprompt.cli import main
+
+    assert main(["serve", "--prompts", str(tmp_path), "--compile", "--engine", "vllm", "--upstream", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile compiles the native engine's decode step" in err[0], err

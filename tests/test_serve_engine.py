@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from serve_helpers import A_PROMPTS, TEXTS, base_reference, reference
-from strict import need
+from strict import inductor_missing, need
 
 from softprompt.generate import SamplingParams
 from softprompt.serve.engine import Engine, QueueFull, Request
@@ -31,6 +31,7 @@ def test_mixed_batch_equals_each_prompt_alone(base, prompts_dir, cache, budget, 
 def test_mixed_batch_with_the_compiled_decode_step(base, prompts_dir):
     """``--compile``: the same mixed batch, its decode steps through torch.compile, still equals each
     prompt run alone (greedy tokens; the logits move by summation order only)."""
+    need(inductor_missing() is None, str(inductor_missing()))
     run_mixed_batch(base, prompts_dir, True, 7, "compiled")
 
 

@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compressor and (args.engine == "vllm" or args.upstream):
         raise SoftPromptError("--compressor needs the native engine: the compressor runs the whole model, and --engine vllm "
                               "loads only its embedding matrix here")
+    if args.compile and (args.engine == "vllm" or args.upstream):
+        raise SoftPromptError("--compile compiles the native engine's decode step; with --engine vllm, vLLM compiles its own "
+                              "(start it without --enforce-eager)")
     if args.max_queue_wait < 0:
         raise SoftPromptError("--max-queue-wait must be 0 (no cap) or more seconds")
     import torch

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 EMPTY = PrefixKV([], [], [], 0, 0)
 DECODE_CHOICES = ("eager", "compiled", "transformers")  # how pure decode steps run (Engine's ``decode``)
+VERIFY_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet woods."
 
 
 class QueueFull(Exception):
@@ -154,7 +155,7 @@ class Engine:
             try:
                 t = time.monotonic()
                 step = DecodeStep(self.model, self.kv, compile=decode == "compiled")
-                err = step.verify()
+                err = step.verify(ids=self.tok(VERIFY_TEXT)["input_ids"])
                 log.info("decode steps: written out (%s), checked against transformers (relative logit difference "
                          "%.2g) in %.1f s", decode, err, time.monotonic() - t)
                 return step
