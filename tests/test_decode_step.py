@@ -86,3 +86,32 @@ def test_engine_falls_back_when_the_check_fails(base, monkeypatch):
     assert Engine(base, PrefixCache(), max_batch=2).decode_step is None
     with pytest.raises(SoftPromptError, match="--compile: it differs"):
         Engine(base, PrefixCache(), max_batch=2, decode="compiled")
+
+
+@pytest.mark.slow
+def test_compiled_step_compiles_once(base):
+    """One graph serves every row count (1 included), every length and pools that grew: a recompile in
+    a running server would stall every request for as long as the first compile took."""
+    from strict import inductor_missing, need
+
+    need(inductor_missing() is None, str(inductor_missing()))
+    from torch._dynamo.utils import counters
+
+    model = model_copy(base, packed=True)
+    kv = SlotKV.for_model(model, 4, capacity=16)
+    step = DecodeStep(model, kv, compile=True)
+    counters.clear()
+    eager = DecodeStep(model, kv)
+    emb = model.get_input_embeddings()
+    for n, col in [(2, 3), (1, 5), (4, 9), (3, 15), (4, 40), (1, 70)]:
+        kv.reserve(col + 1)  # the last two grow the pools past their 16 columns
+        e = emb(torch.arange(n) + 11)
+        cols = torch.full((n,), col)
+        saved = [t.clone() for t in kv.keys + kv.values]
+        want = eager(e, cols.clone(), cols)
+        for t, s in zip(kv.keys + kv.values, saved):
+            t.copy_(s)
+        got = step(e, cols.clone(), cols)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert kv.capacity > 16
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

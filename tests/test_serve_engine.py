@@ -43,8 +43,8 @@ def run_mixed_batch(base, prompts_dir, cache: bool, budget: int, decode: str) ->
     engine = Engine(base, PrefixCache(enabled=cache), max_batch=6, max_batch_tokens=budget, decode=decode)
     assert (engine.decode_step is None) == (decode == "transformers")
     if engine.decode_step is not None:  # count the steps that went through it
-        calls, inner = [], engine.decode_step._forward
-        engine.decode_step._forward = lambda *a: calls.append(a[0].shape[0]) or inner(*a)
+        calls, step = [], engine.decode_step
+        engine.decode_step = lambda e, p, c: calls.append(e.shape[0]) or step(e, p, c)
     jobs = [(n, t) for n in A_PROMPTS for t in TEXTS]
     results: dict[int, tuple] = {}
     for i, (name, text) in enumerate(jobs):

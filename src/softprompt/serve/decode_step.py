@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch._inductor.config  # noqa: F401 - the config patches below
+import torch.fx.experimental._config  # noqa: F401
 import torch.nn.functional as F
 from torch import nn
 
@@ -69,7 +71,8 @@ class DecodeStep(nn.Module):
     """``step(embeds, positions, cols)``: logits ``[n, vocab]`` of one decode forward for the rows in
     slots ``0..n-1`` (``embeds [n, hidden]`` their new tokens' embeddings, ``positions [n]`` the
     tokens' positions, ``cols [n]`` the pool columns the new keys/values go to: the rows' lengths).
-    The new keys/values are written into ``kv``'s pools, as the transformers forward would."""
+    The new keys/values are written into ``kv``'s pools, as the transformers forward would. The other
+    slots must be free (compiled, a lone row borrows slot 1)."""
 
     def __init__(self, model: nn.Module, kv: SlotKV, compile: bool = False):
         super().__init__()
@@ -88,9 +91,6 @@ class DecodeStep(nn.Module):
                 for owner, name in [(layer.self_attn, n) for n in _LINEARS[:4]] + [(layer.mlp, n) for n in _LINEARS[4:]]:
                     self.register_buffer(f"w{i}_{name}", _dense(getattr(owner, name)), persistent=False)
             self.register_buffer("w_lm_head", _dense(model.lm_head), persistent=False)
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
             self._forward = torch.compile(self._run, dynamic=True)
         else:
             self._forward = self._run
@@ -138,10 +138,20 @@ class DecodeStep(nn.Module):
         width = int(cols.max()) + 1
         keep = (torch.arange(width, device=cols.device) <= cols[:, None])[:, None, None, :]
         bias = torch.zeros(keep.shape, device=cols.device).masked_fill(~keep, float("-inf"))
-        if self.compiled:  # one graph for every row count, 1 included (no 0/1 specialization)
-            for t in (embeds, positions, cols, bias):
-                torch._dynamo.decorators.mark_unbacked(t, 0)
-        return self._forward(embeds, positions, cols, bias, self.kv.keys, self.kv.values)
+        if not self.compiled:
+            return self._forward(embeds, positions, cols, bias, self.kv.keys, self.kv.values)
+        n = embeds.shape[0]
+        if n == 1 and self.kv.slots > 1:
+            # One graph for every row count: torch.compile specializes a size of 1, so a lone row runs
+            # with a copy of itself in slot 1, which is free in a pure decode step (rows use slots
+            # 0..n-1); its keys/values land there unread, and its logits are dropped (as vLLM pads
+            # batches to the sizes it captured graphs for).
+            embeds, positions, cols, bias = (torch.cat([t, t]) for t in (embeds, positions, cols, bias))
+        # Frozen weights (read when compiling; torch.compile's options= did not freeze them here), and no
+        # sizes assumed equal because they were at the first call (duck sizing: a width equal to the slot
+        # count would be guarded on, and the step where they differ would recompile).
+        with torch._inductor.config.patch(freezing=True), torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._forward(embeds, positions, cols, bias, self.kv.keys, self.kv.values)[:n]
 
     @torch.no_grad()
     def verify(self, tol: float | None = None, ids: list[int] | None = None) -> float:
