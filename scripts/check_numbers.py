@@ -83,7 +83,9 @@ def looks_measured(f: Figure) -> bool:
 
 
 def values_in(path: Path) -> list[float]:
-    return [float(t) for t in NUMBER.findall(path.read_text(errors="replace").replace(",", ""))]
+    """The numbers in a results file, as magnitudes: a figure is read without its sign (``-16.1 %`` in a
+    list of per-round changes is the figure 16.1)."""
+    return [abs(float(t)) for t in NUMBER.findall(path.read_text(errors="replace").replace(",", ""))]
 
 
 def matches(f: Figure, values: list[float]) -> bool:
