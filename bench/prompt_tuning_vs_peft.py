@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -18,8 +19,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # ours-*-unpacked: our trainer on the base model as loaded (pack_weights off), which isolates what the
-# frozen prepacked copy (softprompt/frozen.py) buys; noshare: without running the shared prefix once.
-VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-unpacked", "ours-bf16-noshare", "peft-fp32", "peft-bf16"]
+# frozen prepacked copy (softprompt/frozen.py) buys; noshare: without running the shared prefix once;
+# ours-bf16-sdpa: with PyTorch's SDPA kernel instead of the eager attention bf16 on CPU defaults to.
+# peft-bf16-eager: PEFT with transformers' eager attention, the faster kernel for it too in bf16 here.
+VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-sdpa", "ours-bf16-unpacked", "ours-bf16-noshare",
+            "peft-fp32", "peft-bf16", "peft-bf16-eager"]
 
 
 def peak_rss_mb() -> float:
@@ -59,8 +63,9 @@ def run_variant(name: str, args) -> dict:
     cfg = TrainConfig(model="smollm2", template=f"[soft:{args.tokens}] Review: {{sentence}}\nSentiment:", steps=args.steps + args.warmup,
                       batch_size=args.batch_size, lr=0.03, init="vocab", precision="bf16" if bf16 else "fp32", device="cpu", seed=0,
                       share_prefix=not name.endswith("noshare"),
-                      pack_weights=name.startswith("ours") and not name.endswith("unpacked"))
-    dev, label_words = dev_examples(args.dev, Path(args.data_dir))
+                      pack_weights=name.startswith("ours") and not name.endswith("unpacked"),
+                      attention="sdpa" if name.endswith("sdpa") else "auto")
+    dev, label_words = dev_examples(args.dev, Path(args.data_dir)) if args.dev else ([], None)
     trainer = Trainer(cfg, exs, None, out=Path(args.tmp) / name, base=base, progress=False)
     times, tokens, losses, flops = [], [], [], []
     dims = model_dims(base.model)
@@ -78,10 +83,12 @@ def run_variant(name: str, args) -> dict:
         from softprompt.scoring import label_accuracy
 
         trainer.prompt.eval()
-        acc = label_accuracy(base.model, trainer.prompt, trainer.fmt, dev, label_words, bf16=bf16)
+        acc = label_accuracy(base.model, trainer.prompt, trainer.fmt, dev, label_words, bf16=bf16) if dev else None
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
+        if name.endswith("eager"):
+            base.model.set_attn_implementation("eager")
         model = get_peft_model(base.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.tokens))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.03)
         pad = base.tokenizer.pad_token_id
@@ -107,7 +114,7 @@ def run_variant(name: str, args) -> dict:
                 flops.append(train_step_flops(dims, lens, sum(lens)).total)
             losses.append(float(loss.detach()))
         model.eval()
-        acc = peft_accuracy(model, trainer.fmt, dev, label_words, bf16)
+        acc = peft_accuracy(model, trainer.fmt, dev, label_words, bf16) if dev else None
     step = sum(times) / len(times)
     return {"variant": name, "step_s": step, "tokens_per_s": sum(tokens) / sum(times), "peak_rss_mb": peak_rss_mb(),
             "first_loss": losses[0], "last_loss": losses[-1], "steps_timed": len(times), "dev_accuracy": acc,
@@ -119,9 +126,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
     hw = env["hardware"]
     md = ["# Prompt tuning: softprompt vs HF PEFT (training steps on CPU)", ""] + [f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + [
-        "", "| variant | s/step | tokens/s | peak RSS (MB) | speed-up vs PEFT fp32 | SST-2 dev accuracy after training | loss first -> last |",
-        "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['speedup_vs_peft_fp32']:.2f} | "
+        "", "| variant | s/step (median) | s/step per round | tokens/s | peak RSS (MB) | x PEFT fp32 (per-round median) | "
+        "x best PEFT bf16 (per-round median) | SST-2 dev accuracy after training | loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {r['step_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['step_s_rounds'])} | {r['tokens_per_s']:.0f} | "
+           f"{r['peak_rss_mb']:.0f} | {statistics.median(r['speedup_vs_peft_fp32_rounds']):.2f} | "
+           f"{statistics.median(r['speedup_vs_best_peft_bf16_rounds']):.2f} | "
            f"{r['dev_accuracy']:.3f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |" for r in rows]
     md += ["", hardware_line(hw), "", "| variant | GFLOP/step | achieved GFLOP/s | share of the same-precision matmul peak |",
            "|---|---|---|---|"]
@@ -135,25 +145,37 @@ def markdown(env: dict, rows: list[dict]) -> str:
            "virtual ones. Our loss is computed with the LM head only at target positions; PEFT runs it at every position. "
            "Losses differ in scale: ours is the per-token mean of the accumulated step, PEFT's its own mean; both fall."]
     by = {r["variant"]: r for r in rows}
+    med = statistics.median
+
+    def ratio(a: str, b: str) -> float:  # per-round median of a's step time over b's
+        return med(x / y for x, y in zip(by[a]["step_s_rounds"], by[b]["step_s_rounds"]))
+
     # The defaults: TrainConfig.pack_weights is on in bf16 only (in fp32 the packed copy bought no speed
-    # and cost memory), so ours in fp32 is the -unpacked row and ours in bf16 the packed one.
+    # and cost memory), and bf16 on CPU trains with eager attention; so ours in fp32 is the -unpacked
+    # row and ours in bf16 the ours-bf16 row.
     f32, b16 = by["ours-fp32-unpacked"], by["ours-bf16"]
-    md += ["", f"With our defaults (fp32: the base as loaded; bf16: the frozen prepacked copy) ours is "
-           f"{by['peft-fp32']['step_s'] / f32['step_s']:.2f}x PEFT in fp32 and "
-           f"{by['peft-bf16']['step_s'] / b16['step_s']:.2f}x PEFT under bf16 autocast; ours in bf16 is "
-           f"{by['peft-fp32']['step_s'] / b16['step_s']:.2f}x PEFT's default fp32. Running the batch's shared "
-           f"prefix once (chat header, soft tokens, template text) accounts for {by['ours-bf16-noshare']['step_s'] / b16['step_s']:.2f}x "
+    md += ["", f"Ratios are medians over the {env['rounds']} rounds of the ratio within each round (the host drifts "
+           "between rounds). With our defaults (fp32: the base as loaded; bf16: the frozen prepacked copy with eager "
+           f"attention) ours is {ratio('peft-fp32', 'ours-fp32-unpacked'):.2f}x PEFT in fp32, "
+           f"{ratio('peft-bf16', 'ours-bf16'):.2f}x PEFT under bf16 autocast with its default (SDPA) attention and "
+           f"{med(b16['speedup_vs_best_peft_bf16_rounds']):.2f}x the faster of PEFT's two bf16 runs in each round "
+           f"(PEFT with eager attention is {ratio('peft-bf16', 'peft-bf16-eager'):.2f}x PEFT with SDPA); ours in bf16 is "
+           f"{ratio('peft-fp32', 'ours-bf16'):.2f}x PEFT's default fp32. "
+           f"Eager attention instead of SDPA gives ours {ratio('ours-bf16-sdpa', 'ours-bf16'):.2f}x in bf16 (PyTorch's CPU "
+           "flash-attention backward is slow on these short rows). Running the batch's shared "
+           f"prefix once (chat header, soft tokens, template text) accounts for {ratio('ours-bf16-noshare', 'ours-bf16'):.2f}x "
            f"of ours in bf16 (ours-bf16-noshare turns it off). Training on the frozen prepacked copy of the base "
-           f"(softprompt/frozen.py) gives {by['ours-bf16-unpacked']['step_s'] / b16['step_s']:.2f}x in bf16 "
+           f"(softprompt/frozen.py) gives {ratio('ours-bf16-unpacked', 'ours-bf16'):.2f}x in bf16 "
            f"({by['ours-bf16-unpacked']['step_s']:.3f} -> {b16['step_s']:.3f} s/step) and "
-           f"{f32['step_s'] / by['ours-fp32']['step_s']:.2f}x in fp32 ({f32['step_s']:.3f} -> {by['ours-fp32']['step_s']:.3f} s/step, "
+           f"{ratio('ours-fp32-unpacked', 'ours-fp32'):.2f}x in fp32 ({f32['step_s']:.3f} -> {by['ours-fp32']['step_s']:.3f} s/step, "
            f"for {by['ours-fp32']['peak_rss_mb'] - f32['peak_rss_mb']:.0f} MB more memory), hence on in bf16 only. "
            f"Dev accuracy (label ranking on {env['dev_examples']} SST-2 dev "
            f"sentences after the same steps): ours fp32 {f32['dev_accuracy']:.3f}, ours bf16 {b16['dev_accuracy']:.3f}, PEFT fp32 "
-           f"{by['peft-fp32']['dev_accuracy']:.3f}, PEFT bf16 {by['peft-bf16']['dev_accuracy']:.3f}. Peak RSS: ours "
+           f"{by['peft-fp32']['dev_accuracy']:.3f}, PEFT bf16 {by['peft-bf16']['dev_accuracy']:.3f} (eager attention "
+           f"{by['peft-bf16-eager']['dev_accuracy']:.3f}). Peak RSS: ours "
            f"{f32['peak_rss_mb']:.0f} MB vs PEFT {by['peft-fp32']['peak_rss_mb']:.0f} MB (fp32), "
            "which is consistent with (not separately measured) the "
-           "full-vocabulary logits PEFT materializes at every position. Figures from one run on a shared 2-core machine."]
+           "full-vocabulary logits PEFT materializes at every position. Figures from a shared 2-core machine."]
     return "\n".join(md) + "\n"
 
 
@@ -162,6 +184,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--dev", type=int, default=200, help="SST-2 dev examples scored after training")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="run every variant this many times (rotated order); medians")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--examples", type=int, default=960)
     ap.add_argument("--tokens", type=int, default=20)
@@ -177,18 +200,33 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
+    per_round: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):  # the order rotates, so no variant always runs first or last
+        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+            dev = args.dev if r == 0 else 0  # accuracy is deterministic: scored in the first round only
+            cmd = [sys.executable, __file__, "--variant", v, f"--dev={dev}"] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "warmup", "batch_size", "examples", "tokens", "data_dir", "tmp")]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            if out.returncode != 0:
+                sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
+            per_round[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds} {v}: {per_round[v][-1]['step_s']:.3f} s/step", file=sys.stderr)
     rows = []
     for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", v] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                                                           ("steps", "warmup", "batch_size", "examples", "tokens", "data_dir", "tmp", "dev")]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-        if out.returncode != 0:
-            sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{v}: {rows[-1]['step_s']:.3f} s/step", file=sys.stderr)
+        runs = per_round[v]
+        row = dict(runs[0])
+        for k in ("step_s", "tokens_per_s", "achieved_gflop_s", "peak_rss_mb"):
+            row[k] = statistics.median(x[k] for x in runs)
+        row["step_s_rounds"] = [x["step_s"] for x in runs]
+        rows.append(row)
     ref = next(r for r in rows if r["variant"] == "peft-fp32")
     for r in rows:
         r["speedup_vs_peft_fp32"] = ref["step_s"] / r["step_s"]
+        # within each round, against that round's PEFT runs (the host drifts between rounds)
+        r["speedup_vs_peft_fp32_rounds"] = [p / o for p, o in zip(ref["step_s_rounds"], r["step_s_rounds"])]
+        peft_bf16 = [min(a, b) for a, b in zip(*(next(x for x in rows if x["variant"] == n)["step_s_rounds"]
+                                                 for n in ("peft-bf16", "peft-bf16-eager")))]
+        r["speedup_vs_best_peft_bf16_rounds"] = [p / o for p, o in zip(peft_bf16, r["step_s_rounds"])]
     import torch
 
     from softprompt.hardware import hardware_report
@@ -201,6 +239,7 @@ def main() -> None:
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), "model": "SmolLM2-135M-Instruct (embedded)", "data": "SST-2 sentences (sst2 recipe), chat template",
            "batch_size": args.batch_size, "virtual_tokens": args.tokens, "steps_timed": args.steps, "warmup_steps": args.warmup,
+           "rounds": args.rounds,
            "examples": args.examples, "dev_examples": args.dev, "hardware": hw,
            "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
     head = f"{'variant':<20} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"

@@ -9,7 +9,8 @@ from strict import need
 
 from softprompt.artifact import load_artifact
 from softprompt.data.readers import read_examples
-from softprompt.frozen import FrozenLinear, fast_frozen_copy
+from softprompt.errors import SoftPromptError
+from softprompt.frozen import FrozenLinear, fast_frozen_copy, training_attention, with_attention
 from softprompt.onednn import packing_available
 from softprompt.train import TrainConfig, Trainer
 
@@ -17,6 +18,10 @@ from softprompt.train import TrainConfig, Trainer
 @pytest.fixture(autouse=True)
 def _onednn():
     need(packing_available(torch.device("cpu")), "this torch build cannot prepack linear weights (no oneDNN)")
+
+def _packed(model) -> bool:
+    return any(isinstance(m, FrozenLinear) for m in model.modules())
+
 
 @pytest.mark.parametrize("shape", [(1, 3, 24), (5, 24), (2, 9, 24), (1, 40, 24)])
 def test_frozen_linear_matches_linear_forward_and_input_gradient(shape):
@@ -57,7 +62,7 @@ def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir
         cfg = TrainConfig(model=str(tiny_dir), kind=kind, tokens=4, steps=6, batch_size=4, lr=0.05, init="random", seed=0,
                           device="cpu", precision=precision, pack_weights=pack)
         t = Trainer(cfg, data, data[:4], tmp_path / f"{kind}-{precision}-{pack}", base=tiny, progress=False)
-        assert (t.model is tiny.model) == (not pack)
+        assert _packed(t.model) == pack
         res = t.run()
         runs[pack] = (res, [h["loss"] for h in t.history if "loss" in h])
     (plain, plain_losses), (fast, fast_losses) = runs[False], runs[True]
@@ -74,4 +79,49 @@ def test_the_default_packs_in_bf16_only(tiny, tiny_dir, sentiment_files, tmp_pat
     for precision, packed in (("fp32", False), ("bf16", True)):
         cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=1, batch_size=4, init="random", device="cpu", precision=precision)
         t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)
-        assert (t.model is not tiny.model) == packed, precision
+        assert _packed(t.model) == packed, precision
+
+
+# -- the attention kernel training runs ---------------------------------------------------------------
+def test_auto_attention_is_eager_for_bf16_on_cpu_only():
+    cpu = torch.device("cpu")
+    assert training_attention("auto", cpu, bf16=True) == "eager"
+    assert training_attention("auto", cpu, bf16=False) is None
+    assert training_attention("auto", torch.device("cuda"), bf16=True) is None
+    assert training_attention("sdpa", cpu, bf16=True) == "sdpa"
+    with pytest.raises(SoftPromptError, match="attention 'flash'.*auto, sdpa, eager"):
+        training_attention("flash", cpu, bf16=True)
+
+
+def test_with_attention_shares_the_weights_and_leaves_the_base_alone(tiny):
+    own = tiny.model.config._attn_implementation
+    other = "eager" if own != "eager" else "sdpa"
+    alt = with_attention(tiny.model, other)
+    assert alt is not tiny.model and alt.config._attn_implementation == other
+    assert tiny.model.config._attn_implementation == own
+    base_ptrs = {t.data_ptr() for t in (*tiny.model.parameters(), *tiny.model.buffers())}
+    assert {t.data_ptr() for t in (*alt.parameters(), *alt.buffers())} == base_ptrs  # no weight copied
+    assert with_attention(tiny.model, own) is tiny.model and with_attention(tiny.model, None) is tiny.model
+    ids = torch.tensor([tiny.tokenizer("the movie was bad, the acting worse").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(alt(input_ids=ids).logits, tiny.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_with_eager_attention_follows_sdpa(tiny, tiny_dir, sentiment_files, tmp_path, precision):
+    """The kernel is a speed choice only: the same run with either gives the same losses (up to the
+    rounding of the precision) and the bf16 default on CPU is eager."""
+    data = read_examples(sentiment_files[0])
+    own = tiny.model.config._attn_implementation
+    losses = {}
+    for attn in ("sdpa", "eager", "auto"):
+        cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=5, batch_size=4, lr=0.05, init="random", seed=0,
+                          device="cpu", precision=precision, attention=attn)
+        t = Trainer(cfg, data, None, tmp_path / f"{precision}-{attn}", base=tiny, progress=False)
+        assert t.model.config._attn_implementation == ("eager" if attn == "auto" and precision == "bf16" else
+                                                       attn if attn != "auto" else own)
+        losses[attn] = torch.tensor([t.train_step()["loss"] for _ in range(5)])
+    assert losses["sdpa"][-1] < losses["sdpa"][0]
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=3e-2, atol=1e-2)
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], **tol)
+    assert tiny.model.config._attn_implementation == own  # the shared base keeps its kernel

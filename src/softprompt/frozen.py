@@ -9,6 +9,12 @@ linear weights are bf16 once, instead of autocast casting the fp32 weights in ev
 
 Row counts are padded to :func:`softprompt.onednn.bucket` sizes, so a long run over batches of many
 lengths keeps a bounded set of oneDNN primitives.
+
+The attention kernel matters as much: on CPU, PyTorch's flash-attention backward in bf16 is slow on
+short rows (a third of a SmolLM2 SST-2 step), while the plain ``softmax(q k^T) v`` of transformers'
+``eager`` attention runs its backward as batched matmuls. :func:`training_attention` picks it for
+bf16 training on CPU, and :func:`with_attention` gives a model another kernel without copying its
+weights.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from softprompt.errors import SoftPromptError
 from softprompt.onednn import pack, packed_mm, packing_available
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,33 @@ class FrozenLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen, packed=oneDNN (forward and input gradient)"
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "eager")
+
+
+def training_attention(setting: str, device: torch.device, bf16: bool) -> str | None:
+    """The attention implementation to train with: ``setting`` unless "auto"; auto is ``eager`` for
+    bf16 on CPU (bench/results/prompt_tuning_vs_peft.md measures it beside sdpa) and the model's own
+    (None) elsewhere."""
+    if setting not in ATTENTION_CHOICES:
+        raise SoftPromptError(f"attention {setting!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+    if setting != "auto":
+        return setting
+    return "eager" if bf16 and device.type == "cpu" else None
+
+
+def with_attention(model: nn.Module, impl: str | None) -> nn.Module:
+    """``model`` running attention with ``impl`` (a transformers attention implementation): the model
+    itself when it already does (or ``impl`` is None), else a copy of its modules and config that
+    shares every parameter and buffer (no weight is copied; the original keeps its kernel)."""
+    if impl is None or model.config._attn_implementation == impl:
+        return model
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, memo)
+    out.set_attn_implementation(impl)
+    log.info("training with %s attention (the base model keeps %s)", impl, model.config._attn_implementation)
+    return out
 
 
 def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module | None:

@@ -69,6 +69,7 @@ class TrainConfig:
     share_prefix: bool = True  # run the batch's common leading tokens once (exact)
     compile: bool = False  # torch.compile the base model's forward over the positions
     pack_weights: bool | None = None  # CPU: train on a frozen copy with prepacked weights (softprompt.frozen); None: in bf16 only
+    attention: str = "auto"  # auto | sdpa | eager (auto: eager for bf16 on CPU, see softprompt.frozen)
     device: str | None = None
 
     def prompt_template(self) -> Template:
@@ -166,13 +167,15 @@ class Trainer:
         """The model the steps and evaluations run: on CPU, a frozen copy of the base with prepacked
         weights in the run's precision when ``pack_weights`` (None: in bf16 only, where it was 1.16x
         faster; in fp32 it bought no speed for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md) and
-        the run is not compiled; else the base."""
-        pack = self.bf16 if self.cfg.pack_weights is None else self.cfg.pack_weights
-        if not pack or self.cfg.compile or self.device.type != "cpu":
-            return self.base.model
-        from softprompt.frozen import fast_frozen_copy
+        the run is not compiled; else the base. Either runs the attention kernel ``attention`` picks
+        (a copy sharing the base's weights when that differs from the base's own)."""
+        from softprompt.frozen import fast_frozen_copy, training_attention, with_attention
 
-        return fast_frozen_copy(self.base.model, torch.bfloat16 if self.bf16 else torch.float32) or self.base.model
+        model = self.base.model
+        pack = self.bf16 if self.cfg.pack_weights is None else self.cfg.pack_weights
+        if pack and not self.cfg.compile and self.device.type == "cpu":
+            model = fast_frozen_copy(model, torch.bfloat16 if self.bf16 else torch.float32) or model
+        return with_attention(model, training_attention(self.cfg.attention, self.device, self.bf16))
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict:

@@ -42,6 +42,8 @@ def register(sub) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--no-bucket", dest="bucket", action="store_false", help="no length bucketing")
     o.add_argument("--compile", action="store_true", help="torch.compile the base model's forward (pays off on long runs)")
+    o.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
+                   help="attention kernel to train with (auto: eager for bf16 on CPU, where it is faster than sdpa)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prompt in --out")
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                       schedule=args.schedule, eval_every=args.eval_every, patience=args.patience,
                       save_every=args.save_every, seed=args.seed, precision=args.precision, bucket=args.bucket, compile=args.compile,
+                      attention=args.attention,
                       device=args.device)
     trainer = Trainer(cfg, train, dev, out, progress=not args.quiet)
     try:
