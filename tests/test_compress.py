@@ -559,3 +559,33 @@ def test_llmlingua_baseline_is_its_own_api_output(tiny, tmp_path):
     res = compress(CONTEXT, _cfg(baselines=("truncated", "none", "llmlingua")), _queries(), tmp_path / "p", base=tiny, progress=False)
     assert res.report["llmlingua_text"] == lingua_compress(CONTEXT, 4, tiny, tiny.tokenizer)
     assert "llmlingua" in res.report["fidelity"]
+
+
+@pytest.mark.parametrize("kind", ["prompt-tuning", "prefix"])
+def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
+    """The student's shared prefix (header and soft positions run once) gives the loss and gradients of
+    the plain batch; in bf16 on CPU the student runs on the prepacked copy with eager attention."""
+    from softprompt.frozen import FrozenLinear
+
+    jobs = {}
+    for share in (False, True):
+        job = Compressor(CONTEXT, _cfg(kind=kind, tokens=4, share_prefix=share, precision="fp32", init="random"), _queries(),
+                         tmp_path / f"{kind}-{share}", base=tiny, progress=False)
+        train, _ = job.split()
+        entries, _ = job.teacher_entries("train", train)
+        job.fit_entries = entries
+        torch.manual_seed(0)
+        prompt = job.make_prompt()
+        loss, n = job._loss(prompt, entries[:4])
+        loss.backward()
+        jobs[share] = (float(loss) / n, [p.grad.clone() for p in prompt.parameters() if p.requires_grad])
+        assert job.student_model is tiny.model  # fp32: the base as it is
+    (plain, g0), (shared, g1) = jobs[False], jobs[True]
+    assert plain > 1e-3
+    assert abs(shared - plain) <= 1e-5 * max(1.0, plain), (plain, shared)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    job = Compressor(CONTEXT, _cfg(kind=kind, precision="bf16"), _queries(), tmp_path / f"{kind}-bf16", base=tiny, progress=False)
+    model = job.student_model
+    assert any(isinstance(m, FrozenLinear) for m in model.modules()) and model.config._attn_implementation == "eager"
+    assert tiny.model.config._attn_implementation != "eager"  # the shared base is left alone

@@ -164,18 +164,10 @@ class Trainer:
         self.history: list[dict] = []
 
     def _training_model(self):
-        """The model the steps and evaluations run: on CPU, a frozen copy of the base with prepacked
-        weights in the run's precision when ``pack_weights`` (None: in bf16 only, where it was 1.16x
-        faster; in fp32 it bought no speed for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md) and
-        the run is not compiled; else the base. Either runs the attention kernel ``attention`` picks
-        (a copy sharing the base's weights when that differs from the base's own)."""
-        from softprompt.frozen import fast_frozen_copy, training_attention, with_attention
+        """The model the steps and evaluations run (see :func:`softprompt.frozen.training_model`)."""
+        from softprompt.frozen import training_model
 
-        model = self.base.model
-        pack = self.bf16 if self.cfg.pack_weights is None else self.cfg.pack_weights
-        if pack and not self.cfg.compile and self.device.type == "cpu":
-            model = fast_frozen_copy(model, torch.bfloat16 if self.bf16 else torch.float32) or model
-        return with_attention(model, training_attention(self.cfg.attention, self.device, self.bf16))
+        return training_model(self.base.model, self.bf16, self.cfg.pack_weights, self.cfg.attention, self.cfg.compile)
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict:

@@ -79,6 +79,9 @@ class CompressConfig:
     heldout: float = 0.2
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it natively)
+    pack_weights: bool | None = None  # the student trains on a prepacked frozen copy (softprompt.frozen); None: in bf16 only
+    attention: str = "auto"  # the student's attention kernel: auto | sdpa | eager (auto: eager for bf16 on CPU)
+    share_prefix: bool = True  # run the batch's common leading positions (header, soft tokens) once (exact)
     device: str | None = None
     cache_dir: str | None = None  # teacher cache (default: OUT/teacher_cache)
     timing_repeats: int = 3
@@ -179,6 +182,17 @@ class Compressor:
         self.teacher = Teacher(self.teacher_base, bf16=self.bf16)
         self.history: list[dict] = []
         self.prompt: SoftPrompt | None = None
+        self._student: torch.nn.Module | None = None
+
+    @property
+    def student_model(self) -> torch.nn.Module:
+        """The frozen model the student trains and is scored on (see softprompt.frozen.training_model):
+        built once, the base itself in fp32."""
+        if self._student is None:
+            from softprompt.frozen import training_model
+
+            self._student = training_model(self.base.model, self.bf16, self.cfg.pack_weights, self.cfg.attention)
+        return self._student
 
     def _prefix_layout(self) -> None:
         """For a KV-prefix student: the ids before the context (``head``, held in the prefix) and the
@@ -419,7 +433,7 @@ class Compressor:
     def _loss(self, prompt: SoftPrompt, entries: list[TeacherEntry]) -> tuple[torch.Tensor, int]:
         batch, targets, teacher = self._batch(entries)
         with autocast(self.base.device, self.bf16):
-            logits = target_logits(self.base.model, prompt, batch, share_prefix=False)[0]
+            logits = target_logits(self.student_model, prompt, batch, share_prefix=self.cfg.share_prefix)[0]
         return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature), len(targets)
 
     @property
