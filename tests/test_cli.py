@@ -21,6 +21,7 @@ def test_train_generate_info(tiny_dir, sentiment_files, tmp_path, capsys):
     meta = json.loads((out / "prompt.json").read_text())
     assert meta["kind"] == "prompt-tuning" and meta["n_virtual"] == 4 and meta["init"] == "text:Classify the review:"
     assert meta["base_model"]["vocab_size"] == 49152
+    assert meta["train_config"]["attention"] == "auto"
     assert main(["generate", str(out), "The soup was cold.", "--max-new-tokens", "4"]) == 0
     assert main(["generate", str(out), "one", "two", "--max-new-tokens", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) >= 2
@@ -30,6 +31,16 @@ def test_train_generate_info(tiny_dir, sentiment_files, tmp_path, capsys):
     rc = main(["train", "--model", str(tiny_dir), "--data", str(train_f), "--steps", "2", "--out", str(out), "--quiet"])
     assert rc == 2
     assert "already holds a prompt" in capsys.readouterr().err
+
+
+def test_train_attention_flag(tiny_dir, sentiment_files, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(sentiment_files[0]), "--tokens", "2", "--steps", "1",
+                 "--batch-size", "4", "--attention", "eager", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "prompt.json").read_text())["train_config"]["attention"] == "eager"
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tiny_dir), "--data", str(sentiment_files[0]), "--attention", "flash", "--out", str(tmp_path / "q")])
+    assert "--attention: invalid choice: 'flash'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content,expect", [
