@@ -136,7 +136,7 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
         exs = [c.examples_transform(e) for e in test]
         row("few-shot", seed, predict(base, base.model, None, c.fmt, recipe, task, exs, bf16), eval_s=time.perf_counter() - t0,
             k=recipe.few_shot_k, prompt_tokens_first_example=len(c.fmt.prompt_ids(exs[0])))
-    if all(save.has(task, m, seed) for m in TRAINED):
+    if all(save.has(task, m, seed) for m in args.methods):
         return
     cfg = train_config(args, recipe, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +153,7 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
         row("ours", seed, preds, train_s=train_s, step_s=train_s / res.steps_done, eval_s=time.perf_counter() - t0,
             first_loss=losses[0], last_loss=losses[-1], trainable_params=trainer.prompt.num_trainable(),
             init_rms=float(init.pow(2).mean().sqrt()))
-    if not save.has(task, "peft-prompt-tuning", seed):
+    if "peft-prompt-tuning" in args.methods and not save.has(task, "peft-prompt-tuning", seed):
         t0 = time.perf_counter()
         with tqdm(total=cfg.steps, desc=f"{task} peft s{seed}", unit="step", leave=False, disable=not args.inner_progress) as b:
             model, st = peers.peft_prompt_tuning(trainer, init.clone(), bar=b)
@@ -166,7 +166,7 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
         st.pop("losses")
         row("peft-prompt-tuning", seed, preds, train_s=train_s, eval_s=time.perf_counter() - t0, **st)
         del model
-    if not save.has(task, "lora", seed):
+    if "lora" in args.methods and not save.has(task, "lora", seed):
         body = PromptFormat(base.tokenizer, parse_template(cfg.template).without_soft(), chat=recipe.chat, max_length=base.max_positions)
         t0 = time.perf_counter()
         with tqdm(total=cfg.steps, desc=f"{task} lora s{seed}", unit="step", leave=False, disable=not args.inner_progress) as b:
@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=200, help="test examples per classification task")
     ap.add_argument("--eval-gen", type=int, default=40, help="test examples per generation task")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(TRAINED), help=f"trained rows to run (of {', '.join(TRAINED)}); ours always runs")
     ap.add_argument("--fewshot-seeds", type=int, default=1, help="few-shot demonstration draws (seeds 0..N-1), each a row")
     ap.add_argument("--max-tokens", type=int, default=0, help="keep only examples whose soft-template encoding is at most this long (0: all)")
     ap.add_argument("--fewshot-draws", type=int, default=6, help="demonstration draws in the SST-2 few-shot check (0: skip)")
@@ -528,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = args.tasks.split(",")
+    args.methods = list(dict.fromkeys(["ours", *args.methods.split(",")]))
+    if [m for m in args.methods if m not in TRAINED]:
+        ap.error(f"--methods: unknown {', '.join(m for m in args.methods if m not in TRAINED)} (known: {', '.join(TRAINED)})")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_lr": args.lora_lr, "warmup": args.warmup,
              "tokens": args.tokens, "precision": args.precision, "init": args.init,
              "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen,
-             "seeds": args.seeds, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,
+             "seeds": args.seeds, "methods": args.methods, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,
              "quick": args.quick, "budget": args.budget or "not stated",
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python", "bench/tasks.py", *(argv or sys.argv[1:])])}
     doc = {"schema": SCHEMA, "setup": setup, "hardware": hw, "rows": [], "wall_s": 0.0}
@@ -550,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     save = Saver(path, doc)
     base = load_base(args.model, device="cpu")
     t_start, wall0 = time.perf_counter(), doc["wall_s"]
-    total = len(tasks) * (1 + min(args.fewshot_seeds, args.seeds) + args.seeds * 3)
+    total = len(tasks) * (1 + min(args.fewshot_seeds, args.seeds) + args.seeds * len(args.methods))
     data = {}
     if args.fewshot_draws and "sst2" in tasks and "sst2_fewshot_check" not in doc:
         doc["sst2_fewshot_check"] = sst2_fewshot_check(args, base, args.fewshot_draws)
