@@ -429,7 +429,11 @@ def markdown(doc: dict) -> str:
                       f"{statistics.mean(tr):.0f} |" if tr else f"| {task} | {method} | {', '.join(f'{v:.3f}' for v in s['per_seed'])} | "
                       f"{', '.join(extra) or '—'} | — |")
             md[-1] += f" {max(diff):.1e} |" if diff else " — |"
-    missing = [t for t in doc["setup"]["tasks"] if t not in summary or any(m not in summary[t] for m in METHODS)]
+    skipped = [m for m in TRAINED if m not in doc["setup"].get("methods", TRAINED)]
+    wanted = [m for m in METHODS if m not in skipped]
+    missing = [t for t in doc["setup"]["tasks"] if t not in summary or any(m not in summary[t] for m in wanted)]
+    if skipped:
+        md += ["", f"**Not run in this run (--methods):** {', '.join(skipped)}."]
     if missing:
         md += ["", f"**Incomplete:** {', '.join(missing)} did not finish every method within the run (rows above are what finished)."]
     md += [""] + analysis(doc, summary) + fewshot_section(doc.get("sst2_fewshot_check"))
