@@ -127,7 +127,11 @@ def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = Non
     the weights where that differs from the model's own). ``model`` is never modified."""
     device = next(model.parameters()).device
     pack = bf16 if pack_weights is None else pack_weights
-    out = model
+    impl = training_attention(attention, device, bf16)
     if pack and not compile and device.type == "cpu":
-        out = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) or model
-    return with_attention(out, training_attention(attention, device, bf16))
+        fast = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32)
+        if fast is not None:  # already a copy of its own: switch its kernel in place
+            if impl is not None and fast.config._attn_implementation != impl:
+                fast.set_attn_implementation(impl)
+            return fast
+    return with_attention(model, impl)
