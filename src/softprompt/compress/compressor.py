@@ -125,6 +125,8 @@ def _same_tokenizer(a, b) -> bool:
 class Compressor:
     """One compression job; the steps are methods so tests and benchmarks can drive them."""
 
+    _student: torch.nn.Module | None = None  # built on first use (student_model); subclasses inherit it
+
     def __init__(self, context: str, cfg: CompressConfig, queries: list[Query] | None = None,
                  out: str | Path = "compressed", base: BaseModel | None = None, teacher_base: BaseModel | None = None,
                  progress: bool = True, warn: Callable[[str], None] | None = None,
@@ -182,7 +184,6 @@ class Compressor:
         self.teacher = Teacher(self.teacher_base, bf16=self.bf16)
         self.history: list[dict] = []
         self.prompt: SoftPrompt | None = None
-        self._student: torch.nn.Module | None = None
 
     @property
     def student_model(self) -> torch.nn.Module:
