@@ -99,7 +99,8 @@ def train_config(args, recipe, seed: int) -> TrainConfig:
 
 
 def task_data(task: str, args, base) -> tuple:
-    """(recipe, training pool, test examples): fixed samples (seed 0) of the train and test splits,
+    """(recipe, training pool, evaluation examples): fixed samples (seed 0) of the train split and of
+    ``args.eval_split`` (test, or dev for choosing a configuration without looking at test),
     keeping only examples whose soft-template encoding fits ``args.max_tokens`` (when set)."""
     recipe = load_recipe(task)
     n_eval = args.eval if recipe.is_classification else args.eval_gen
@@ -111,7 +112,7 @@ def task_data(task: str, args, base) -> tuple:
             pool = [e for e in pool if len(fmt.encode(e).ids) <= args.max_tokens]
         return pool[:n]
 
-    return recipe, sample("train", args.train), sample("test", n_eval)
+    return recipe, sample("train", args.train), sample(args.eval_split, n_eval)
 
 
 def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
@@ -397,7 +398,8 @@ def markdown(doc: dict) -> str:
           f"{st['warmup']} then linear decay, gradient clipping 1.0, AdamW, "
           f"{st.get('precision', 'fp32')} (ours trains in it, PEFT and LoRA under its autocast, scoring too); "
           f"{st['tokens']} virtual tokens, `{st['init']}` init. "
-          f"Test examples: {st['eval']} per classification task, {st['eval_gen']} per generation task (fixed samples of the test split). "
+          f"{'Dev' if st.get('eval_split') == 'dev' else 'Test'} examples: {st['eval']} per classification task, "
+          f"{st['eval_gen']} per generation task (fixed samples of the {st.get('eval_split', 'test')} split). "
           f"Few-shot: the recipe's k demonstrations drawn from the training pool with seed{'s' if st['fewshot_seeds'] > 1 else ''} "
           f"{', '.join(map(str, range(st['fewshot_seeds'])))}, the same for every seed of the trained rows. "
           f"Examples longer than {st['max_tokens'] or 'the window'} tokens (soft-template encoding) are left out of both samples. "
@@ -504,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=1000, help="training examples per task (a fixed sample)")
     ap.add_argument("--eval", type=int, default=200, help="test examples per classification task")
     ap.add_argument("--eval-gen", type=int, default=40, help="test examples per generation task")
+    ap.add_argument("--eval-split", choices=["test", "dev"], default="test",
+                    help="the split scored: test for the table, dev to choose a configuration (test unseen)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(TRAINED), help=f"trained rows to run (of {', '.join(TRAINED)}); ours always runs")
     ap.add_argument("--fewshot-seeds", type=int, default=1, help="few-shot demonstration draws (seeds 0..N-1), each a row")
@@ -545,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"model": "SmolLM2-135M-Instruct (embedded)" if args.model == "smollm2" else args.model, "tasks": tasks,
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_lr": args.lora_lr, "warmup": args.warmup,
              "tokens": args.tokens, "precision": args.precision, "init": args.init,
-             "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen,
+             "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen, "eval_split": args.eval_split,
              "seeds": args.seeds, "methods": args.methods, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,
              "quick": args.quick, "budget": args.budget or "not stated",
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python", "bench/tasks.py", *(argv or sys.argv[1:])])}
