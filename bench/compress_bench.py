@@ -77,19 +77,19 @@ def heldout_for(ctx: dict, n: int, seed: int):
 
 
 def run_one(base, ctx: dict, train, held, label: str, kind: str, tokens: int, positions: str, args, cache: Path,
-            out: Path, extra: dict) -> dict:
+            out: Path, extra: dict, objective: str = "forward_kl") -> dict:
     from softprompt.compress import CompressConfig, Compressor
 
     cfg = CompressConfig(tokens=tokens, kind=kind, positions=positions, steps=args.steps, eval_every=args.eval_every,
                          patience=args.patience, batch_size=args.batch_size, lr=args.lr_prefix if kind == "prefix" else args.lr,
                          max_new_tokens=args.max_new_tokens, topk=args.topk, precision=args.precision, device="cpu",
                          cache_dir=str(cache), timing_repeats=1, timing_queries=2, seed=args.seed,
-                         baselines=("truncated", "none", "llmlingua"))
+                         baselines=("truncated", "none", "llmlingua"), objective=objective, temperature=args.temperature)
     t0 = time.perf_counter()
     job = Compressor(ctx["text"], cfg, train, out, base=base, progress=not args.quiet, heldout_queries=held)
     res = job.run()
     r = res.report
-    row = {"context": ctx["name"], "context_tokens": r["context_tokens"], "run": label, "kind": kind, "soft_tokens": tokens,
+    row = {"context": ctx["name"], "context_tokens": r["context_tokens"], "run": label, "kind": kind, "soft_tokens": tokens, "objective": objective,
            "student_positions": r["student_positions"], "positions": positions if kind == "prefix" else None,
            "prompt_bytes": r["cost"]["prompt_param_bytes"], "n_train": r["n_train"], "n_dev": r["n_dev"],
            "n_heldout": r["n_heldout"], "steps": r["train"]["steps"], "best_step": r["train"]["best_step"],
@@ -99,7 +99,8 @@ def run_one(base, ctx: dict, train, held, label: str, kind: str, tokens: int, po
            "llmlingua_tokens": len(base.tokenizer(r["llmlingua_text"], add_special_tokens=False).input_ids)
            if r.get("llmlingua_text") else None, **extra}
     for v, f in r["fidelity"].items():
-        for m in ("kl_per_token", "top1_agreement", "rouge_l", "exact_match", "answer_f1", "kl_gap_closed"):
+        for m in ("kl_per_token", "top1_agreement", "rouge_l", "exact_match", "answer_f1", "kl_gap_closed",
+                  "teacher_confident_share", "top1_when_confident", "top1_when_unsure"):
             if m in f:
                 row[f"{v}_{m}"] = f[m]
     row["example"] = r["examples"][:1]
@@ -114,6 +115,8 @@ COLS = [("context", "context", "{}"), ("ctx tok", "context_tokens", "{}"), ("run
         ("KL none", "none_kl_per_token", "{:.3f}"),
         ("top1 soft", "soft_top1_agreement", "{:.3f}"), ("top1 trunc", "truncated_top1_agreement", "{:.3f}"),
         ("top1 lingua", "llmlingua_top1_agreement", "{:.3f}"), ("top1 none", "none_top1_agreement", "{:.3f}"),
+        ("top1 soft, teacher p>=0.5", "soft_top1_when_confident", "{:.3f}"), ("top1 soft, p<0.5", "soft_top1_when_unsure", "{:.3f}"),
+        ("share p>=0.5", "soft_teacher_confident_share", "{:.0%}"),
         ("RL soft", "soft_rouge_l", "{:.3f}"), ("RL trunc", "truncated_rouge_l", "{:.3f}"), ("RL lingua", "llmlingua_rouge_l", "{:.3f}"),
         ("F1 soft", "soft_answer_f1", "{:.3f}"), ("lingua tok", "llmlingua_tokens", "{}"), ("train s", "train_s", "{:.0f}")]
 
@@ -196,7 +199,9 @@ def main() -> int:
     ap.add_argument("--contexts", default="instructions,squad", help="which contexts: instructions, squad or both")
     ap.add_argument("--curve", default="16,64", help="query counts for the fidelity-vs-queries curve (instructions, prefix)")
     ap.add_argument("--curve-kind", default="prompt-tuning", choices=["prompt-tuning", "prefix"], help="the student of the queries curve")
-    ap.add_argument("--runs", default="prompt-tuning,prefix-first,prefix-even,prefix-attention,equal-bytes")
+    ap.add_argument("--runs", default="prompt-tuning,prefix-first,prefix-even,prefix-attention,equal-bytes",
+                    help="also RUN:OBJECTIVE (e.g. prompt-tuning:reverse_kl) for a run with another distillation objective")
+    ap.add_argument("--temperature", type=float, default=1.0, help="distillation temperature of every run")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--patience", type=int, default=3)
@@ -256,26 +261,28 @@ def main() -> int:
             held, train = state[ctx["name"]]
             main_runs = [("prompt-tuning", "prompt-tuning", n, "first")] + [(f"prefix-{p}", "prefix", n, p) for p in ("first", "attention", "even")]
             for label, kind, tokens, pos in main_runs:
-                if label in runs and (ctx["kind"] == "instructions" or label != "prefix-even"):
-                    plan.append((0, ctx, label, kind, tokens, pos, train))
+                for r in runs:
+                    name, _, objective = r.partition(":")
+                    if name == label and (ctx["kind"] == "instructions" or label != "prefix-even"):
+                        plan.append((0, ctx, r, kind, tokens, pos, train, objective or "forward_kl"))
             if "equal-bytes" in runs and ctx["kind"] == "instructions":
                 layers, kvh, hd = 30, 3, 64  # SmolLM2-135M: the prefix's floats per position
                 head = 3
                 pt_tokens = (head + 1) * layers * 2 * kvh * hd // base.hidden_size
-                plan.append((1, ctx, "equal-bytes-prefix-1", "prefix", 1, "attention", train))
-                plan.append((1, ctx, f"equal-bytes-prompt-tuning-{pt_tokens}", "prompt-tuning", pt_tokens, "first", train))
+                plan.append((1, ctx, "equal-bytes-prefix-1", "prefix", 1, "attention", train, "forward_kl"))
+                plan.append((1, ctx, f"equal-bytes-prompt-tuning-{pt_tokens}", "prompt-tuning", pt_tokens, "first", train, "forward_kl"))
             if ctx["kind"] == "instructions":
                 for q in [int(x) for x in args.curve.split(",") if x]:
                     if q < len(train):
-                        plan.append((1, ctx, f"queries-{q}", args.curve_kind, n, "first", train[:q]))
+                        plan.append((1, ctx, f"queries-{q}", args.curve_kind, n, "first", train[:q], "forward_kl"))
         plan.sort(key=lambda p: p[0])
-        for _, ctx, label, kind, tokens, pos, tq in plan:
+        for _, ctx, label, kind, tokens, pos, tq, objective in plan:
             held = state[ctx["name"]][0]
             cache = tmp / ctx["name"] / "cache"
             print(f"== {ctx['name']} {label}", flush=True)
             try:
                 row = run_one(base, ctx, tq, held, label, kind, tokens, pos, args, cache if not label.startswith("queries-")
-                              else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {})
+                              else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {}, objective)
             except Exception as e:  # noqa: BLE001 - record and go on
                 print(f"   failed: {e!r}", flush=True)
                 continue

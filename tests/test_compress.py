@@ -155,6 +155,16 @@ def test_batched_teacher_equals_one_query_at_a_time(tiny, tmp_path, monkeypatch,
 
 
 # -- the report ------------------------------------------------------------------------------------
+def test_top1_agreement_is_split_by_the_teachers_confidence():
+    from softprompt.compress.report import agreement_counts
+
+    teacher = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.1]])  # p(top) .96 .96 .36 .36
+    student = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert agreement_counts(student, teacher) == (2, 2, 1)  # agree at 0 and 2; confident at 0 and 1; both at 0
+    half = torch.tensor([[0.0, 0.0]])  # p(top) exactly 0.5 counts as confident
+    assert agreement_counts(half, half) == (1, 1, 1)
+
+
 def test_report_numbers_are_recomputed_independently(tiny, tmp_path):
     res = compress(CONTEXT, _cfg(tokens=6), _queries(), tmp_path / "p", base=tiny, progress=False)
     rep = json.loads((tmp_path / "p" / "compression_report.json").read_text())
@@ -163,6 +173,8 @@ def test_report_numbers_are_recomputed_independently(tiny, tmp_path):
     ctx = tok(CONTEXT, add_special_tokens=False).input_ids
     assert rep["context_tokens"] == len(ctx) and rep["compression_ratio"] == pytest.approx(len(ctx) / 6)
     agree, kl, n = 0, 0.0, 0
+    sure: list[bool] = []
+    unsure: list[bool] = []
     for q in rep["queries"]["heldout"]:
         # the teacher's ids straight from the chat template, and the teacher's own greedy continuation
         full = tok.apply_chat_template([{"role": "system", "content": CONTEXT}, {"role": "user", "content": q}],
@@ -178,11 +190,16 @@ def test_report_numbers_are_recomputed_independently(tiny, tmp_path):
             s = model(input_ids=torch.tensor([trunc + cont])).logits[0, len(trunc) - 1:-1]
         agree += int((t.argmax(-1) == s.argmax(-1)).sum())
         lt, ls = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+        for pos in range(len(cont)):  # the split by the teacher's confidence in its top token
+            (sure if float(lt[pos].exp().max()) >= 0.5 else unsure).append(bool(t[pos].argmax() == s[pos].argmax()))
         kl += float((lt.exp() * (lt - ls)).sum())
         n += len(cont)
     got = rep["fidelity"]["truncated"]
     assert got["tokens"] == n
     assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-9)
+    assert got["teacher_confident_share"] == pytest.approx(len(sure) / n, abs=1e-9)
+    assert got["top1_when_confident"] == pytest.approx(sum(sure) / max(len(sure), 1), abs=1e-9)
+    assert got["top1_when_unsure"] == pytest.approx(sum(unsure) / max(len(unsure), 1), abs=1e-9)
     assert got["kl_per_token"] == pytest.approx(kl / n, rel=1e-3, abs=1e-5)
     c = rep["cost"]
     assert c["full"]["kv_bytes"] > c["soft"]["kv_bytes"] > 0

@@ -3,6 +3,7 @@ context, the context cut to the soft prompt's length), and the cost side (tokens
 KV-cache bytes) with the full context and with the soft prompt. Every number comes from real forwards."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from softprompt.precision import autocast
 from softprompt.prompts import as_prompt
 from softprompt.task_metrics import normalize, rouge_l
 
+CONFIDENT_LOGP = math.log(0.5)  # top-1 agreement is also reported apart where the teacher's top token has p >= 0.5
 VARIANTS = {"soft": "soft prompt", "truncated": "truncated context", "none": "no context"}
 
 
@@ -66,6 +68,14 @@ def greedy(base, prompt, prompt_rows: list[list[int]], max_new_tokens: int, bf16
     return out
 
 
+def agreement_counts(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[int, int, int]:
+    """(positions where the two top tokens agree, positions where the teacher's top token has
+    probability >= 0.5, agreeing positions among those) over ``[n, vocab]`` logits."""
+    hit = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    confident = torch.log_softmax(teacher_logits.float(), -1).max(-1).values >= CONFIDENT_LOGP
+    return int(hit.sum()), int(confident.sum()), int((hit & confident).sum())
+
+
 def fidelity(base, prompt, prompt_rows: list[list[int]], conts: list[list[int]], teacher_logits: list[torch.Tensor],
              teacher_texts: list[str], max_new_tokens: int, answers: list[tuple[str, ...]] | None = None,
              bf16: bool = False) -> dict:
@@ -73,12 +83,15 @@ def fidelity(base, prompt, prompt_rows: list[list[int]], conts: list[list[int]],
     tok = base.tokenizer
     logits = forced_logits(base.model, prompt, prompt_rows, conts, tok.pad_token_id, bf16)
     kl_sum, agree, n = 0.0, 0, 0
+    sure, sure_agree = 0, 0  # positions where the teacher's top token has probability >= 0.5
     for s, t in zip(logits, teacher_logits):
         kl_sum += float(kl_loss(s, TeacherDists(full=torch.log_softmax(t.float(), -1))))
-        agree += int((s.argmax(-1) == t.argmax(-1)).sum())
-        n += len(t)
+        counts = agreement_counts(s, t)
+        agree, sure, sure_agree, n = agree + counts[0], sure + counts[1], sure_agree + counts[2], n + len(t)
     texts = [decode(tok, ids) for ids in greedy(base, prompt, prompt_rows, max_new_tokens, bf16)]
     res = {"kl_per_token": kl_sum / max(n, 1), "top1_agreement": agree / max(n, 1),
+           "teacher_confident_share": sure / max(n, 1), "top1_when_confident": sure_agree / max(sure, 1),
+           "top1_when_unsure": (agree - sure_agree) / max(n - sure, 1),
            "exact_match": sum(a == b for a, b in zip(texts, teacher_texts)) / max(len(texts), 1),
            "rouge_l": rouge_l(texts, [[t] for t in teacher_texts]), "tokens": n}
     if answers and any(answers):
