@@ -62,6 +62,26 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tiny, tmp_pa
 
 
 @pytest.mark.parametrize("form", ["kv", "projector"])
+def test_bf16_training_shares_one_packed_copy_and_follows_the_base(tiny, tmp_path, form):
+    """In bf16 every context's job and the encoder pass run one shared prepacked copy of the base (not
+    a copy per context: 200 contexts ran out of memory), and its loss is the base's under autocast."""
+    from softprompt.frozen import FrozenLinear
+
+    ctx = _contexts(6)
+    tr = Trainer(_cfg(form=form, precision="bf16"), ctx[:4], ctx[4:], tmp_path / "c", base=tiny, progress=False)
+    tr.prepare()
+    fast = tr.items[0].job.student_model
+    assert any(isinstance(m, FrozenLinear) for m in fast.modules())
+    assert all(it.job.student_model is fast for it in tr.items + tr.dev_items)
+    assert tr.encoding.model is fast
+    with torch.no_grad():
+        packed = [float(tr.loss(it)[0]) for it in tr.dev_items]
+        tr.encoding.model = None  # the encoder pass on the base as loaded, under autocast
+        plain = [float(tr.loss(it)[0]) for it in tr.dev_items]
+    assert packed == pytest.approx(plain, rel=2e-2)
+
+
+@pytest.mark.parametrize("form", ["kv", "projector"])
 def test_the_prompt_is_what_generate_uses_after_save_and_load(tiny, tiny_dir, tmp_path, form, capsys):
     from softprompt.artifact import load_artifact
     from softprompt.cli import main

@@ -153,8 +153,12 @@ class MemoryEncoder(nn.Module):
 class Encoding:
     """Runs a :class:`MemoryEncoder` through the frozen base: a context's ids in, the prompt's tensor out."""
 
-    def __init__(self, base: BaseModel, encoder: MemoryEncoder, head_ids: list[int], bf16: bool = False):
+    def __init__(self, base: BaseModel, encoder: MemoryEncoder, head_ids: list[int], bf16: bool = False,
+                 model: nn.Module | None = None):
+        """``model``: the frozen model the encoder pass runs when it has no LoRA (default: the base as
+        loaded; training passes its prepacked training copy, :func:`softprompt.frozen.training_model`)."""
         self.base, self.encoder, self.head_ids, self.bf16 = base, encoder, list(head_ids), bf16
+        self.model = model
         self._head_kv: torch.Tensor | None = None
         if encoder.form == "kv":
             cache_layout(base.model)  # refuses models whose cache a prefix cannot hold
@@ -176,6 +180,8 @@ class Encoding:
 
         enc, device = self.encoder, self.base.device
         model = enc.attach(self.base.model)  # the base itself, or its twin with the encoder LoRA
+        if model is self.base.model and self.model is not None:
+            model = self.model
         m = enc.n_memory
         ids = torch.tensor(self.head_ids + list(ctx_ids), device=device)
         if len(ids) + m > self.base.max_positions:

@@ -140,7 +140,9 @@ class Trainer:
         items = [self._item(ctx) for ctx in bar]
         self.items, self.dev_items = items[:len(self.train_ctx)], items[len(self.train_ctx):]
         self.prepare_s = time.perf_counter() - t0
-        self.encoding = Encoding(self.base, self.encoder(), self.items[0].job.head_ids, self.bf16)
+        # the encoder pass runs on the students' frozen training model (one shared copy, see student_model)
+        self.encoding = Encoding(self.base, self.encoder(), self.items[0].job.head_ids, self.bf16,
+                                 model=self.items[0].job.student_model)
 
     def encoder(self) -> MemoryEncoder:
         if not hasattr(self, "_encoder"):
