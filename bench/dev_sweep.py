@@ -71,7 +71,7 @@ def render(out: Path) -> None:
              "",
              f"Each configuration is a bench/tasks.py run scored on {rows[0]['n_dev']} dev examples (the test split is not read). "
              "Mean over seeds [95% t-interval over seeds]; per-seed scores beside it.",
-             "", f"Hardware: {tasks.hardware_line(rows[0]['hardware'])}", "",
+             "", tasks.hardware_line(rows[0]["hardware"]), "",
              "| configuration | init | lr | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""

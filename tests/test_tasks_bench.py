@@ -184,3 +184,27 @@ def test_peft_generation_equals_our_generate_with_the_same_vectors_in_front(long
         model.prompt_encoder["default"].embedding.weight.copy_(vecs)
     got = peers.peft_generate(model, fmt, [Example({"input": t}) for t in texts], 8, base.eos_ids())
     assert got == want and all(w.strip() for w in want)
+
+
+def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tiny, tmp_path, monkeypatch):
+    """bench/dev_sweep.py: one tasks.py run per configuration on the dev split; the test split is
+    never read, and the configuration named best is the one with the highest dev mean."""
+    need(SHARED_DATA.is_dir(), f"public datasets not found at {SHARED_DATA} (../shared/data from the repo root)")
+    import dev_sweep
+
+    read = []
+    real = tasks.load_split
+    monkeypatch.setattr(tasks, "load_split", lambda recipe, data_dir, split, **kw: read.append(split) or real(recipe, data_dir, split, **kw))
+    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall"
+    assert dev_sweep.main(["--model", str(long_tiny), "--steps", "2", "--seeds", "2", "--eval", "8", "--configs", configs,
+                           "--data-dir", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
+    assert "test" not in read and set(read) == {"train", "dev"}
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["config"] for r in doc["rows"]] == sorted(configs.split(","))
+    assert doc["best"] == max(doc["rows"], key=lambda r: r["mean"])["config"]
+    by = {r["config"]: r for r in doc["rows"]}
+    assert by["labels-lr0.1-nall"]["lr"] == 0.1 and by["labels-lr0.1-nall"]["init"] == "labels"
+    assert by["labels-lr0.1-nall"]["train_examples"] > by["vocab-lr0.03-n1000"]["train_examples"] == 1000
+    for r in doc["rows"]:
+        assert len(r["scores"]) == 2 and r["n_dev"] == 8 and r["mean"] == pytest.approx(sum(r["scores"]) / 2)
+    assert f"**{doc['best']}**" in (tmp_path / "sweep.md").read_text()
