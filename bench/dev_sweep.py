@@ -3,8 +3,8 @@
     python bench/dev_sweep.py --task sst2 --steps 200 [--seeds 3] [--configs NAME,...]   # writes bench/results/<task>_dev_sweep/
     python bench/dev_sweep.py --render --out DIR                                         # Markdown from the saved JSON
 
-Each configuration (init x learning rate x training-pool size, at a fixed token count and step
-budget) is one bench/tasks.py run with ``--eval-split dev --methods ours`` into OUT/NAME/; this
+Each configuration (init x learning rate x training-pool size x batch size, at a fixed token count
+and step budget) is one bench/tasks.py run with ``--eval-split dev --methods ours`` into OUT/NAME/; this
 script collects them into OUT/sweep.{json,md} and names the configuration with the best mean dev
 score. Re-running skips the configurations already measured (tasks.py ``--resume``).
 """
@@ -21,14 +21,16 @@ import tasks  # noqa: E402
 
 from softprompt.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
-# name: (init, lr, training examples)
+# name: (init, lr, training examples (0: the whole split), batch size)
 CONFIGS = {
-    "vocab-lr0.03-n1000": ("vocab", 0.03, 1000),
-    "labels-lr0.03-n1000": ("labels", 0.03, 1000),
-    "vocab-lr0.1-n1000": ("vocab", 0.1, 1000),
-    "vocab-lr0.03-nall": ("vocab", 0.03, 0),
-    "labels-lr0.1-nall": ("labels", 0.1, 0),
-    "text-lr0.03-n1000": ("text:Is the sentiment of this movie review positive or negative?", 0.03, 1000),
+    "vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8),
+    "labels-lr0.03-n1000": ("labels", 0.03, 1000, 8),
+    "vocab-lr0.1-n1000": ("vocab", 0.1, 1000, 8),
+    "vocab-lr0.03-nall": ("vocab", 0.03, 0, 8),
+    "labels-lr0.1-nall": ("labels", 0.1, 0, 8),
+    "text-lr0.03-n1000": ("text:Is the sentiment of this movie review positive or negative?", 0.03, 1000, 8),
+    "vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32),
+    "vocab-lr0.1-nall-b32": ("vocab", 0.1, 0, 32),
 }
 
 
@@ -38,8 +40,9 @@ def run(args) -> None:
     if unknown:
         sys.exit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     for name in names:
-        init, lr, n_train = CONFIGS[name]
-        argv = ["--model", args.model, "--tasks", args.task, "--steps", str(args.steps), "--seeds", str(args.seeds), "--methods", "ours",
+        init, lr, n_train, batch = CONFIGS[name]
+        argv = ["--model", args.model, "--tasks", args.task, "--steps", str(args.steps), "--batch-size", str(batch),
+                "--seeds", str(args.seeds), "--methods", "ours",
                 "--eval-split", "dev", "--eval", str(args.eval), "--init", init, "--lr", str(lr),
                 "--train", str(n_train or 10**9), "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
                 "--data-dir", str(args.data_dir), "--out", str(args.out / name), "--resume", "--no-inner-progress",
@@ -59,7 +62,7 @@ def render(out: Path) -> None:
         vals = [r[r["metric"]] for r in ours]
         lo, hi = tasks.t_interval(vals) if len(vals) > 1 else (vals[0], vals[0])
         st = doc["setup"]
-        rows.append({"config": d.name, "init": st["init"], "lr": st["lr"], "train_examples": ours[0]["n_train"],
+        rows.append({"config": d.name, "init": st["init"], "lr": st["lr"], "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
                      "steps": st["steps"], "tokens": st["tokens"], "precision": st["precision"], "n_dev": ours[0]["n_eval"],
                      "seeds": [r["seed"] for r in ours], "scores": vals, "mean": statistics.mean(vals), "ci": [lo, hi],
                      "hardware": doc["hardware"]})
@@ -67,15 +70,15 @@ def render(out: Path) -> None:
         return
     best = max(rows, key=lambda r: r["mean"])
     atomic_write_json(out / "sweep.json", {"rows": rows, "best": best["config"]})
-    lines = [f"# Dev sweep: {rows[0]['tokens']} virtual tokens, {rows[0]['steps']} steps of batch 8, {rows[0]['precision']}",
+    lines = [f"# Dev sweep: {rows[0]['tokens']} virtual tokens, {rows[0]['steps']} steps, {rows[0]['precision']}",
              "",
              f"Each configuration is a bench/tasks.py run scored on {rows[0]['n_dev']} dev examples (the test split is not read). "
              "Mean over seeds [95% t-interval over seeds]; per-seed scores beside it.",
              "", tasks.hardware_line(rows[0]["hardware"]), "",
-             "| configuration | init | lr | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|"]
+             "| configuration | init | lr | batch | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['train_examples']} | {r['mean']:.3f} "
+        lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['batch_size']} | {r['train_examples']} | {r['mean']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {', '.join(f'{v:.3f}' for v in r['scores'])} |")
     lines += ["", f"Chosen for the test run: **{best['config']}** (highest dev mean)."]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
