@@ -581,8 +581,8 @@ def test_llmlingua_baseline_is_its_own_api_output(tiny, tmp_path):
 @pytest.mark.parametrize("kind", ["prompt-tuning", "prefix"])
 def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
     """The student's shared prefix (header and soft positions run once) gives the loss and gradients of
-    the plain batch; in bf16 on CPU the student runs on the prepacked copy with eager attention."""
-    from softprompt.frozen import FrozenLinear
+    the plain batch; in bf16 on CPU the student runs on the prepacked copy with the eager-or-sdpa kernel."""
+    from softprompt.frozen import EAGER_OR_SDPA, FrozenLinear
 
     jobs = {}
     for share in (False, True):
@@ -604,5 +604,5 @@ def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     job = Compressor(CONTEXT, _cfg(kind=kind, precision="bf16"), _queries(), tmp_path / f"{kind}-bf16", base=tiny, progress=False)
     model = job.student_model
-    assert any(isinstance(m, FrozenLinear) for m in model.modules()) and model.config._attn_implementation == "eager"
-    assert tiny.model.config._attn_implementation != "eager"  # the shared base is left alone
+    assert any(isinstance(m, FrozenLinear) for m in model.modules()) and model.config._attn_implementation == EAGER_OR_SDPA
+    assert tiny.model.config._attn_implementation != EAGER_OR_SDPA  # the shared base is left alone

@@ -10,7 +10,7 @@ from strict import need
 from softprompt.artifact import load_artifact
 from softprompt.data.readers import read_examples
 from softprompt.errors import SoftPromptError
-from softprompt.frozen import FrozenLinear, fast_frozen_copy, training_attention, with_attention
+from softprompt.frozen import EAGER_OR_SDPA, FrozenLinear, fast_frozen_copy, training_attention, with_attention
 from softprompt.onednn import packing_available
 from softprompt.train import TrainConfig, Trainer
 
@@ -63,7 +63,7 @@ def test_the_packed_training_copy_is_made_once_per_base_and_remade_when_a_weight
     assert _packed(a) and training_model(base.model, bf16=True) is a
     assert training_model(base.model, bf16=True, attention="sdpa") is not a  # another kernel: its own copy
     assert training_model(base.model, bf16=True) is a  # ... which did not switch the first one's kernel
-    assert a.config._attn_implementation == "eager"
+    assert a.config._attn_implementation == EAGER_OR_SDPA
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = a(input_ids=ids).logits
@@ -106,9 +106,9 @@ def test_the_default_packs_in_bf16_only(tiny, tiny_dir, sentiment_files, tmp_pat
 
 
 # -- the attention kernel training runs ---------------------------------------------------------------
-def test_auto_attention_is_eager_for_bf16_on_cpu_only():
+def test_auto_attention_is_eager_or_sdpa_for_bf16_on_cpu_only():
     cpu = torch.device("cpu")
-    assert training_attention("auto", cpu, bf16=True) == "eager"
+    assert training_attention("auto", cpu, bf16=True) == EAGER_OR_SDPA
     assert training_attention("auto", cpu, bf16=False) is None
     assert training_attention("auto", torch.device("cuda"), bf16=True) is None
     assert training_attention("sdpa", cpu, bf16=True) == "sdpa"
@@ -141,10 +141,42 @@ def test_training_with_eager_attention_follows_sdpa(tiny, tiny_dir, sentiment_fi
         cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=5, batch_size=4, lr=0.05, init="random", seed=0,
                           device="cpu", precision=precision, attention=attn)
         t = Trainer(cfg, data, None, tmp_path / f"{precision}-{attn}", base=tiny, progress=False)
-        assert t.model.config._attn_implementation == ("eager" if attn == "auto" and precision == "bf16" else
+        assert t.model.config._attn_implementation == (EAGER_OR_SDPA if attn == "auto" and precision == "bf16" else
                                                        attn if attn != "auto" else own)
         losses[attn] = torch.tensor([t.train_step()["loss"] for _ in range(5)])
     assert losses["sdpa"][-1] < losses["sdpa"][0]
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=3e-2, atol=1e-2)
     torch.testing.assert_close(losses["eager"], losses["sdpa"], **tol)
+    torch.testing.assert_close(losses["auto"], losses["sdpa"], **tol)
     assert tiny.model.config._attn_implementation == own  # the shared base keeps its kernel
+
+
+@pytest.mark.parametrize("limit,path", [(1 << 30, "eager"), (0, "sdpa")])
+def test_eager_or_sdpa_picks_by_score_size_and_equals_both_kernels(tiny, monkeypatch, limit, path):
+    """The auto kernel runs eager attention under EAGER_MAX_SCORES scores per layer and SDPA above
+    (a 200-step BoolQ run on eager alone ran out of memory); either way, with left padding and under
+    bf16 autocast, the logits are those of the plain eager and sdpa models."""
+    import softprompt.frozen as frozen
+
+    calls = []
+    for name in ("eager", "sdpa"):
+        real = {"eager": "transformers.models.llama.modeling_llama.eager_attention_forward",
+                "sdpa": "transformers.integrations.sdpa_attention.sdpa_attention_forward"}[name]
+        mod, fn = real.rsplit(".", 1)
+        orig = getattr(__import__(mod, fromlist=[fn]), fn)
+        monkeypatch.setattr(f"{mod}.{fn}", lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    monkeypatch.setattr(frozen, "EAGER_MAX_SCORES", limit)
+    auto = with_attention(tiny.model, training_attention("auto", torch.device("cpu"), bf16=True))
+    refs = {k: with_attention(tiny.model, k) for k in ("eager", "sdpa")}
+    enc = tiny.tokenizer(["the movie was bad", "a long and winding tale of two cities, told badly"], padding=True,
+                         return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = auto(**enc).logits.float()
+        calls.clear()
+        got = auto(**enc).logits.float()
+        assert set(calls) == {path}
+        keep = enc["attention_mask"].bool()
+        want = {k: ref(**enc).logits.float()[keep] for k, ref in refs.items()}
+    assert not torch.equal(want["eager"], want["sdpa"])  # the two kernels differ in bf16 rounding here ...
+    torch.testing.assert_close(got[keep], want[path], rtol=0, atol=0)  # ... and the one picked is matched bit for bit

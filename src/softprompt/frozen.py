@@ -73,15 +73,47 @@ class FrozenLinear(nn.Module):
 ATTENTION_CHOICES = ("auto", "sdpa", "eager")
 
 
+# The eager kernel keeps a [batch, heads, queries, keys] fp32 score tensor (and its softmax) per
+# layer for the backward: about 2.5 GB over SmolLM2's 30 layers at 8 x 9 x 600 x 600 (BoolQ rows),
+# which ran a 200-step BoolQ run out of memory. Above this many scores a call runs SDPA instead.
+EAGER_MAX_SCORES = 1 << 22
+EAGER_OR_SDPA = "softprompt_eager_or_sdpa"
+
+
+def _eager_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' eager attention where its score tensor is small (short rows: its backward is
+    batched matmuls, faster than CPU flash attention's in bf16), SDPA where it is large (memory)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    scores = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+    if scores <= EAGER_MAX_SCORES:
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.dtype != query.dtype:
+        attention_mask = attention_mask.to(query.dtype)  # the additive mask in the kernel's dtype
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_eager_or_sdpa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(EAGER_OR_SDPA, _eager_or_sdpa)
+    AttentionMaskInterface.register(EAGER_OR_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # an additive mask: both take it
+    return EAGER_OR_SDPA
+
+
 def training_attention(setting: str, device: torch.device, bf16: bool) -> str | None:
-    """The attention implementation to train with: ``setting`` unless "auto"; auto is ``eager`` for
-    bf16 on CPU (bench/results/prompt_tuning_vs_peft.md measures it beside sdpa) and the model's own
-    (None) elsewhere."""
+    """The attention implementation to train with: ``setting`` unless "auto"; auto is, for bf16 on
+    CPU, eager attention where a layer's score tensor is small and SDPA where it is large
+    (:data:`EAGER_MAX_SCORES`; bench/results/prompt_tuning_vs_peft.md measures eager beside sdpa on
+    SST-2), and the model's own (None) elsewhere."""
     if setting not in ATTENTION_CHOICES:
         raise SoftPromptError(f"attention {setting!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if setting != "auto":
         return setting
-    return "eager" if bf16 and device.type == "cpu" else None
+    return _register_eager_or_sdpa() if bf16 and device.type == "cpu" else None
 
 
 def with_attention(model: nn.Module, impl: str | None) -> nn.Module:
