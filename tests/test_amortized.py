@@ -254,19 +254,23 @@ def test_refine_continues_from_the_compressors_prompt(tiny, tiny_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_the_shipped_smollm2_compressor_loads_and_compresses(smollm2, tmp_path):
+@pytest.mark.parametrize("name,lora", [("smollm2-kv16", None), ("smollm2-kv16-lora8", 8)])
+def test_the_shipped_smollm2_compressor_loads_and_compresses(smollm2, tmp_path, name, lora):
     from conftest import REPO
 
     from softprompt.artifact import load_artifact
     from softprompt.generate import SamplingParams, generate
 
-    comp = Compressor.load(REPO / "examples" / "compressors" / "smollm2-kv16", base=smollm2)
+    before = _state_hash(smollm2.model)
+    comp = Compressor.load(REPO / "examples" / "compressors" / name, base=smollm2)
     assert comp.form == "kv" and comp.memory == 16
+    assert (comp.meta.get("encoder_lora") or {}).get("r") == lora
     path, prompt, _ = comp.compress(_context(3) * 2, tmp_path / "p")
     art = load_artifact(path, base=smollm2)
     assert art.kind == "prefix" and art.prompt.n_virtual == 16 + len(comp.job(_context(3) * 2).head_ids)
     out = generate(smollm2, art.prompt, art.prompt_format(smollm2), ["Who built the lighthouse?"], SamplingParams(8))
     assert out[0].strip()
+    assert _state_hash(smollm2.model) == before  # an encoder LoRA sits in a twin, never in the base
 
 
 def test_a_registered_context_serves_the_compressors_prompt(tiny, tmp_path):
