@@ -64,10 +64,15 @@ def test_the_packed_training_copy_is_made_once_per_base_and_remade_when_a_weight
     assert training_model(base.model, bf16=True, attention="sdpa") is not a  # another kernel: its own copy
     assert training_model(base.model, bf16=True) is a  # ... which did not switch the first one's kernel
     assert a.config._attn_implementation == EAGER_OR_SDPA
+    # a weight replaced by another tensor (a private copy: the loaded one may be mapped from the file)
+    emb = base.model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    a = training_model(base.model, bf16=True)
+    assert _packed(a) and training_model(base.model, bf16=True) is a
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = a(input_ids=ids).logits
-        base.model.get_input_embeddings().weight[2] += 1.0  # an in-place change to the base
+        emb.weight[2] += 1.0  # an in-place change to the base
     b = training_model(base.model, bf16=True)
     assert b is not a
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
