@@ -51,34 +51,6 @@ def test_fast_copy_gives_the_base_logits_and_leaves_the_base_alone(tiny):
     assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
     assert any(type(m) is torch.nn.Linear for m in tiny.model.modules())  # the base keeps its own layers
 
-def test_the_packed_training_copy_is_made_once_per_base_and_remade_when_a_weight_changes(tiny_dir):
-    """Many trainers or compression jobs on one base share one packed copy (a copy each would hold a
-    second model per job: 200 contexts of the amortized compressor ran out of memory), and a change to
-    the base's weights is never hidden by a stale copy."""
-    from softprompt.base_model import load_base
-    from softprompt.frozen import training_model
-
-    base = load_base(str(tiny_dir), device="cpu")
-    a = training_model(base.model, bf16=True)
-    assert _packed(a) and training_model(base.model, bf16=True) is a
-    assert training_model(base.model, bf16=True, attention="sdpa") is not a  # another kernel: its own copy
-    assert training_model(base.model, bf16=True) is a  # ... which did not switch the first one's kernel
-    assert a.config._attn_implementation == EAGER_OR_SDPA
-    # a weight replaced by another tensor (a private copy: the loaded one may be mapped from the file)
-    emb = base.model.get_input_embeddings()
-    emb.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-    a = training_model(base.model, bf16=True)
-    assert _packed(a) and training_model(base.model, bf16=True) is a
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        before = a(input_ids=ids).logits
-        emb.weight[2] += 1.0  # an in-place change to the base
-    b = training_model(base.model, bf16=True)
-    assert b is not a
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not torch.allclose(b(input_ids=ids).logits, before)
-
-
 @pytest.mark.parametrize("kind,precision", [("prompt-tuning", "fp32"), ("p-tuning", "fp32"), ("prefix", "fp32"),
                                             ("prompt-tuning", "bf16")])
 def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir, sentiment_files, tmp_path, kind, precision):

@@ -19,9 +19,7 @@ weights.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
-import weakref
 
 import torch
 from torch import nn
@@ -152,15 +150,6 @@ def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return fast
 
 
-# model -> {(dtype, attention kernel): (the parameters' version stamp, its packed copy)}
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _version_stamp(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``model`` is replaced or modified in place."""
-    return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
-
-
 def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = None, attention: str = "auto",
                    compile: bool = False) -> nn.Module:
     """The model a prompt trains on: on CPU, a frozen copy with prepacked weights in the run's
@@ -168,22 +157,15 @@ def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = Non
     for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md) and the run is not compiled; else
     ``model`` itself. Either runs the attention kernel :func:`training_attention` picks (a copy sharing
     the weights where that differs from the model's own). ``model`` is never modified.
-
-    The packed copy is made once per model, precision and kernel and shared by every later call (a
-    trainer per seed, a compression job per context), until a weight of ``model`` changes."""
+    Each call makes its own copy: callers that run many jobs on one base share theirs (the amortized
+    compressor gives every context's job the same one)."""
     device = next(model.parameters()).device
     pack = bf16 if pack_weights is None else pack_weights
     impl = training_attention(attention, device, bf16)
     if pack and not compile and device.type == "cpu":
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        key, stamp = (dtype, impl), _version_stamp(model)
-        hit = _PACKED.get(model, {}).get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        fast = fast_frozen_copy(model, dtype)
+        fast = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32)
         if fast is not None:  # already a copy of its own: switch its kernel in place
             if impl is not None and fast.config._attn_implementation != impl:
                 fast.set_attn_implementation(impl)
-            _PACKED.setdefault(model, {})[key] = (stamp, fast)
             return fast
     return with_attention(model, impl)

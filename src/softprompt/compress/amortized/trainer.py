@@ -140,9 +140,12 @@ class Trainer:
         items = [self._item(ctx) for ctx in bar]
         self.items, self.dev_items = items[:len(self.train_ctx)], items[len(self.train_ctx):]
         self.prepare_s = time.perf_counter() - t0
-        # the encoder pass runs on the students' frozen training model (one shared copy, see student_model)
-        self.encoding = Encoding(self.base, self.encoder(), self.items[0].job.head_ids, self.bf16,
-                                 model=self.items[0].job.student_model)
+        # every context's job and the encoder pass run one frozen training model (a copy per job
+        # would hold a second base per context: hundreds of contexts do not fit in memory)
+        shared = self.items[0].job.student_model
+        for it in self.items + self.dev_items:
+            it.job._student = shared
+        self.encoding = Encoding(self.base, self.encoder(), self.items[0].job.head_ids, self.bf16, model=shared)
 
     def encoder(self) -> MemoryEncoder:
         if not hasattr(self, "_encoder"):
