@@ -1,7 +1,7 @@
 """How the amortized compressor's one-forward fidelity scales with context length and memory size,
 and where it breaks (SmolLM2-135M-Instruct, one CPU thread).
 
-- **Context length**: the shipped compressor (examples/compressors/smollm2-kv16) on held-out SQuAD
+- **Context length**: a compressor (``--compressor``, default examples/compressors/smollm2-kv16) on held-out SQuAD
   paragraphs (the ``eval`` split by context hash, never trained on: checked against the compressor's
   list of training/dev contexts) bucketed by length in tokens; past the longest paragraphs, contexts
   made of 2-5 held-out paragraphs joined (their questions together), up to about 1,200 tokens, past
@@ -151,7 +151,9 @@ def render(res: dict) -> str:
     lines = ["# Amortized compressor: fidelity vs context length and memory size", "", res["hardware_line"], "",
              f"Settings: `{json.dumps(res['settings'])}`", "", f"Leak check: {res.get('leak_check', '-')}", ""]
     if s["length"]:
-        lines += ["## Context length (shipped compressor `smollm2-kv16`, 16 memory tokens)", "",
+        comp = Path(res["settings"].get("compressor") or SHIPPED).name
+        mem = res.get("length_memory", 16)
+        lines += [f"## Context length (compressor `{comp}`, {mem} memory tokens)", "",
                   "| bucket (tokens) | contexts | mean tokens | KL soft | KL truncated | KL none | gap closed soft | "
                   "gap closed truncated | top-1 soft | soft beats truncation |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -187,12 +189,12 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write(res: dict) -> None:
+def write(res: dict, name: str = NAME) -> None:
     from softprompt.atomic import atomic_write_json, atomic_write_text
 
     res["summary"] = summarize(res)
-    atomic_write_json(RESULTS / f"{NAME}.json", res)
-    atomic_write_text(RESULTS / f"{NAME}.md", render(res))
+    atomic_write_json(RESULTS / f"{name}.json", res)
+    atomic_write_text(RESULTS / f"{name}.md", render(res))
 
 
 def measure(comp, ctx, work: Path, args) -> dict:
@@ -219,14 +221,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/compressor_scaling")
+    ap.add_argument("--compressor", default=str(SHIPPED), help="the compressor the length part measures (default: the first shipped one)")
+    ap.add_argument("--name", default=NAME, help=f"results file name under bench/results/ (default {NAME})")
     ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON and exit")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     if args.render:
-        res = json.loads((RESULTS / f"{NAME}.json").read_text())
+        res = json.loads((RESULTS / f"{args.name}.json").read_text())
         from softprompt.atomic import atomic_write_text
 
-        atomic_write_text(RESULTS / f"{NAME}.md", render(res))
+        atomic_write_text(RESULTS / f"{args.name}.md", render(res))
         return 0
 
     import torch
@@ -240,26 +244,28 @@ def main() -> int:
     base = load_base("smollm2", device="cpu")
     tok = base.tokenizer
     hw = hardware_report()
-    settings = {k: v for k, v in vars(args).items() if k not in ("quiet", "render", "add")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("quiet", "render", "add", "name")}
     res: dict = {"settings": settings, "hardware": hw, "hardware_line": hardware_line(hw), "length": [], "memory": {}}
     if args.add:  # a later run on the same machine, same contexts (everything seeded), added beside the first
-        res = json.loads((RESULTS / f"{NAME}.json").read_text())
+        res = json.loads((RESULTS / f"{args.name}.json").read_text())
         res.setdefault("added_runs", []).append({"settings": settings, "hardware_line": hardware_line(hw)})
     work = Path(args.work)
     pool = eval_pool(tok, args.seed)
-    shipped = Compressor.load(SHIPPED, base=base)
+    shipped = Compressor.load(Path(args.compressor), base=base)
+    res["length_memory"] = shipped.meta["memory"]
     seen = set(shipped.meta["contexts"]["train"]) | set(shipped.meta["contexts"]["dev"])
     if args.part in ("length", "both"):
         ctxs = length_contexts(tok, pool, args.per_bucket, args.seed)
         leaked = [c.sha for c, _ in pool if c.sha in seen]  # every paragraph a context (or a joined one) is made of
         if leaked:
             raise SystemExit(f"held-out contexts {leaked} were used in training: refusing to benchmark on them")
-        res["leak_check"] = f"{len(ctxs)} held-out contexts for length, none among the shipped compressor's {len(seen)} training/dev contexts"
+        res["leak_check"] = (f"{len(ctxs)} held-out contexts for length, none among compressor `{Path(args.compressor).name}`'s "
+                             f"{len(seen)} training/dev contexts")
         for i, (bucket, ctx) in enumerate(ctxs):
             r = measure(shipped, ctx, work / "length" / ctx.sha, args)
             res["length"].append({"bucket": bucket, **r})
             print(f"[length {i + 1}/{len(ctxs)}] {bucket} {r['tokens']} tok: gap {r['fidelity']['soft']['kl_gap_closed']}", flush=True)
-            write(res)
+            write(res, args.name)
     if args.part in ("memory", "both"):
         shared = read_shared(DATA, ("squad", "boolq"))
         sp = split_contexts(filter_length([c for c in shared if c.questions], tok, 100, 400))
@@ -282,14 +288,14 @@ def main() -> int:
             res["memory"][key] = block
             for ctx in held:
                 block["rows"].append(measure(comp, ctx, work / "memory" / ctx.sha, args))  # the teacher's cache is shared
-                write(res)
+                write(res, args.name)
             print(f"[memory {key}] dev KL {mt['first_dev_kl']:.4f} -> {mt['best_dev_kl']:.4f}; "
                   f"held-out gap {statistics.mean(r['fidelity']['soft']['kl_gap_closed'] for r in block['rows']):.3f}", flush=True)
     if args.add:
         res["added_runs"][-1]["wall_s"] = time.perf_counter() - t_start
     else:
         res["wall_s"] = time.perf_counter() - t_start
-    write(res)
+    write(res, args.name)
     return 0
 
 
