@@ -21,7 +21,7 @@ import tasks  # noqa: E402
 
 from softprompt.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
-# name: (init, lr, training examples (0: the whole split), batch size)
+# name: (init, lr, training examples (0: the whole split), batch size[, objective (default lm)])
 CONFIGS = {
     "vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8),
     "labels-lr0.03-n1000": ("labels", 0.03, 1000, 8),
@@ -31,6 +31,8 @@ CONFIGS = {
     "text-lr0.03-n1000": ("text:Is the sentiment of this movie review positive or negative?", 0.03, 1000, 8),
     "vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32),
     "vocab-lr0.1-nall-b32": ("vocab", 0.1, 0, 32),
+    "classify-vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8, "classify"),
+    "classify-vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32, "classify"),
 }
 
 
@@ -40,11 +42,12 @@ def run(args) -> None:
     if unknown:
         sys.exit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     for name in names:
-        init, lr, n_train, batch = CONFIGS[name]
+        init, lr, n_train, batch, *rest = CONFIGS[name]
         argv = ["--model", args.model, "--tasks", args.task, "--steps", str(args.steps), "--batch-size", str(batch),
                 "--seeds", str(args.seeds), "--methods", "ours",
                 "--eval-split", "dev", "--eval", str(args.eval), "--init", init, "--lr", str(lr),
-                "--train", str(n_train or 10**9), "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
+                "--train", str(n_train or 10**9), "--objective", rest[0] if rest else "lm",
+                "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
                 "--data-dir", str(args.data_dir), "--out", str(args.out / name), "--resume", "--no-inner-progress",
                 "--budget", f"dev sweep, {args.steps} steps"]
         print(f"== {name}: python bench/tasks.py {' '.join(argv)}", flush=True)
@@ -62,7 +65,8 @@ def render(out: Path) -> None:
         vals = [r[r["metric"]] for r in ours]
         lo, hi = tasks.t_interval(vals) if len(vals) > 1 else (vals[0], vals[0])
         st = doc["setup"]
-        rows.append({"config": d.name, "init": st["init"], "lr": st["lr"], "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
+        rows.append({"config": d.name, "init": st["init"], "lr": st["lr"],
+                     "objective": st.get("objective", "lm"), "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
                      "steps": st["steps"], "tokens": st["tokens"], "precision": st["precision"], "n_dev": ours[0]["n_eval"],
                      "seeds": [r["seed"] for r in ours], "scores": vals, "mean": statistics.mean(vals), "ci": [lo, hi],
                      "hardware": doc["hardware"]})
@@ -75,10 +79,11 @@ def render(out: Path) -> None:
              f"Each configuration is a bench/tasks.py run scored on {rows[0]['n_dev']} dev examples (the test split is not read). "
              "Mean over seeds [95% t-interval over seeds]; per-seed scores beside it.",
              "", tasks.hardware_line(rows[0]["hardware"]), "",
-             "| configuration | init | lr | batch | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|---|"]
+             "| configuration | init | lr | objective | batch | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['batch_size']} | {r['train_examples']} | {r['mean']:.3f} "
+        lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['objective']} | {r['batch_size']} | {r['train_examples']} "
+                     f"| {r['mean']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {', '.join(f'{v:.3f}' for v in r['scores'])} |")
     lines += ["", f"Chosen for the test run: **{best['config']}** (highest dev mean)."]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")

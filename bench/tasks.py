@@ -95,7 +95,8 @@ def base_checksum(base) -> float:
 def train_config(args, recipe, seed: int) -> TrainConfig:
     return TrainConfig(model=args.model, kind="prompt-tuning", template=recipe.soft_template_for(args.tokens), tokens=args.tokens,
                        init=args.init, chat=recipe.chat, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup=args.warmup, schedule="linear", max_grad_norm=1.0, seed=seed, precision=args.precision, device="cpu")
+                       warmup=args.warmup, schedule="linear", max_grad_norm=1.0, seed=seed, precision=args.precision, device="cpu",
+                       objective=args.objective if recipe.labels else "lm")
 
 
 def task_data(task: str, args, base) -> tuple:
@@ -389,6 +390,9 @@ def fewshot_section(check: dict | None) -> list[str]:
     return md + [""]
 
 
+CLASSIFY_NOTE = ", ours with the `classify` objective (softmax over the label words) on classification tasks"
+
+
 def markdown(doc: dict) -> str:
     summary = summarize(doc)
     st = doc["setup"]
@@ -397,7 +401,8 @@ def markdown(doc: dict) -> str:
           f"sample per task) for {st['steps']} steps of batch {st['batch_size']}, lr {st['lr']} (LoRA {st['lora_lr']}), warmup "
           f"{st['warmup']} then linear decay, gradient clipping 1.0, AdamW, "
           f"{st.get('precision', 'fp32')} (ours trains in it, PEFT and LoRA under its autocast, scoring too); "
-          f"{st['tokens']} virtual tokens, `{st['init']}` init. "
+          f"{st['tokens']} virtual tokens, `{st['init']}` init"
+          f"{CLASSIFY_NOTE if st.get('objective') == 'classify' else ''}. "
           f"{'Dev' if st.get('eval_split') == 'dev' else 'Test'} examples: {st['eval']} per classification task, "
           f"{st['eval_gen']} per generation task (fixed samples of the {st.get('eval_split', 'test')} split). "
           f"Few-shot: the recipe's k demonstrations drawn from the training pool with seed{'s' if st['fewshot_seeds'] > 1 else ''} "
@@ -503,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                     help="every method's: ours trains in it, PEFT and LoRA run under its autocast, scoring too")
     ap.add_argument("--init", default="vocab")
+    ap.add_argument("--objective", choices=["lm", "classify"], default="lm",
+                    help="our rows' training objective on classification tasks (generation tasks always use lm)")
     ap.add_argument("--train", type=int, default=1000, help="training examples per task (a fixed sample)")
     ap.add_argument("--eval", type=int, default=200, help="test examples per classification task")
     ap.add_argument("--eval-gen", type=int, default=40, help="test examples per generation task")
@@ -548,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hardware_line(hw), flush=True)
     setup = {"model": "SmolLM2-135M-Instruct (embedded)" if args.model == "smollm2" else args.model, "tasks": tasks,
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_lr": args.lora_lr, "warmup": args.warmup,
-             "tokens": args.tokens, "precision": args.precision, "init": args.init,
+             "tokens": args.tokens, "precision": args.precision, "init": args.init, "objective": args.objective,
              "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen, "eval_split": args.eval_split,
              "seeds": args.seeds, "methods": args.methods, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,
              "quick": args.quick, "budget": args.budget or "not stated",

@@ -94,6 +94,18 @@ def lm_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, target_onl
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
+def class_loss(model: nn.Module, prompt: SoftPrompt | None, batch: dict, n_labels: int, gold: torch.Tensor,
+               target_only_head: bool = True, share_prefix: bool = True, compiled: nn.Module | None = None,
+               reduction: str = "sum") -> torch.Tensor:
+    """Rank classification: cross-entropy of the gold label among the ``n_labels`` candidates, each
+    scored as scoring ranks them (the summed log-probability of the label's tokens). ``batch`` holds
+    every example once per candidate label, example-major (``[b * n_labels]`` rows); ``gold`` is ``[b]``."""
+    logits, targets, rows = target_logits(model, prompt, batch, target_only_head, share_prefix, compiled)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    total = torch.zeros(batch["input_ids"].shape[0], device=lp.device).index_add(0, rows, lp)
+    return F.cross_entropy(total.view(-1, n_labels), gold, reduction=reduction)
+
+
 def sequence_scores(model: nn.Module, prompt: SoftPrompt | None, batch: dict, share_prefix: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the sum of its target tokens' log-probabilities, and whether every target token is the

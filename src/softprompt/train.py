@@ -29,7 +29,7 @@ from softprompt.distributed import current as current_dist
 from softprompt.encoding import PromptFormat, check_template, collate
 from softprompt.errors import SoftPromptError
 from softprompt.init import init_table, parse_init
-from softprompt.objectives import compile_forward, lm_loss
+from softprompt.objectives import class_loss, compile_forward, lm_loss
 from softprompt.optim import PromptOptimizer, check_finite, load_optimizer_tensors, optimizer_tensors
 from softprompt.precision import autocast, resolve_precision
 from softprompt.prompts import SoftPrompt, kind_class
@@ -37,6 +37,7 @@ from softprompt.scoring import label_accuracy, label_set, mean_loss
 from softprompt.template import Field, Soft, Template, Text, parse_template
 
 CHECKPOINT = "checkpoint"
+OBJECTIVES = ("lm", "classify")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the base model's forward over the positions
     pack_weights: bool | None = None  # CPU: train on a frozen copy with prepacked weights (softprompt.frozen); None: in bf16 only
     attention: str = "auto"  # auto | sdpa | eager (auto: eager for bf16 on CPU, see softprompt.frozen)
+    objective: str = "lm"  # lm (log-likelihood of the target) | classify (rank the label words, softmax over them)
     device: str | None = None
 
     def prompt_template(self) -> Template:
@@ -142,6 +144,15 @@ class Trainer:
         self.encoded = [self.fmt.encode(e) for e in train]
         self.dev_encoded = [self.fmt.encode(e) for e in self.dev_set]
         self.labels = label_set(train)
+        if cfg.objective not in OBJECTIVES:
+            raise SoftPromptError(f"objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        self.candidates: list[list] = []
+        if cfg.objective == "classify":  # every example once per label, the gold label's index
+            if not self.labels or loss_fn is not None:
+                raise SoftPromptError("objective 'classify' needs a classification training set (2-20 distinct short targets, "
+                                      "each at least 3 times)")
+            self.candidates = [[self.fmt.encode(e, target=lab) for lab in self.labels] for e in train]
+            self.gold = [self.labels.index((e.target or "").strip()) for e in train]
         torch.manual_seed(cfg.seed)
         self.prompt = create_prompt(cfg, self.base, self.template, self.labels).to(self.device)
         self.prompt.train()
@@ -173,15 +184,23 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         micro = [self.plan[self.step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
-        n_tok = sum(sum(1 for x in self.encoded[j].labels[1:] if x != -100) for m in micro for j in m)
+        classify = bool(self.candidates)
+        # the loss is a mean over the global batch: over target tokens (lm), over examples (classify)
+        n_tok = sum(len(m) if classify else sum(1 for x in self.encoded[j].labels[1:] if x != -100) for m in micro for j in m)
         total, tokens = 0.0, 0
         for idx in map(self.dist.shard, micro):  # the whole batch, or this rank's slice of it
             if not idx:
                 continue
-            batch = {k: v.to(self.device) for k, v in collate([self.encoded[j] for j in idx], self.base.tokenizer.pad_token_id).items()}
+            rows = [c for j in idx for c in self.candidates[j]] if classify else [self.encoded[j] for j in idx]
+            batch = {k: v.to(self.device) for k, v in collate(rows, self.base.tokenizer.pad_token_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with autocast(self.device, self.bf16):
-                loss = self.loss_fn(batch) / max(n_tok, 1)
+                if classify:
+                    gold = torch.tensor([self.gold[j] for j in idx], device=self.device)
+                    loss = class_loss(self.model, self.prompt, batch, len(self.labels), gold, cfg.target_only_head,
+                                      cfg.share_prefix, self.compiled) / max(n_tok, 1)
+                else:
+                    loss = self.loss_fn(batch) / max(n_tok, 1)
             check_finite(loss, self.step + 1, "lower --lr, or check the data")
             loss.backward()
             total += float(loss.detach())

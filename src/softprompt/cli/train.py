@@ -29,6 +29,9 @@ def register(sub) -> None:
     k.add_argument("--system", help="system message when the chat template is used")
     k.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="kind-specific option (repeatable)")
     o = p.add_argument_group("optimization")
+    o.add_argument("--objective", choices=["lm", "classify"], default="lm",
+                   help="lm: log-likelihood of the target (default); classify: softmax over the label words, "
+                        "each scored as eval ranks them (classification data only)")
     o.add_argument("--steps", type=int, default=100)
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--grad-accum", type=int, default=1)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                       schedule=args.schedule, eval_every=args.eval_every, patience=args.patience,
                       save_every=args.save_every, seed=args.seed, precision=args.precision, bucket=args.bucket, compile=args.compile,
-                      attention=args.attention,
+                      attention=args.attention, objective=args.objective,
                       device=args.device)
     trainer = Trainer(cfg, train, dev, out, progress=not args.quiet)
     try:
