@@ -148,7 +148,9 @@ class Trainer:
             raise SoftPromptError(f"objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         self.candidates: list[list] = []
         if cfg.objective == "classify":  # every example once per label, the gold label's index
-            if not self.labels or loss_fn is not None:
+            if loss_fn is not None:
+                raise SoftPromptError("objective 'classify' has its own loss; it cannot take a loss_fn")
+            if not self.labels:
                 raise SoftPromptError("objective 'classify' needs a classification training set (2-20 distinct short targets, "
                                       "each at least 3 times)")
             self.candidates = [[self.fmt.encode(e, target=lab) for lab in self.labels] for e in train]
