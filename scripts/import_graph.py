@@ -24,8 +24,8 @@ BEGIN, END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
 
 # bottom to top: (layer, what it holds, module prefixes)
 LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("foundation", "errors, atomic files, precision and hardware probes",
-     ("errors", "atomic", "precision", "hardware")),
+    ("foundation", "errors, atomic files, precision and hardware probes, the transformers cache name",
+     ("errors", "atomic", "precision", "hardware", "hf_cache")),
     ("data", "templates, examples, readers, recipes", ("template", "data")),
     ("model", "base model, prompt kinds, the KV prefix, encoding, init, optimizer, prepacked frozen weights, plots, task metrics",
      ("base_model", "prompts", "kv_prefix", "encoding", "chat", "init", "batching", "optim", "distributed", "plots",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from softprompt.errors import SoftPromptError
+from softprompt.hf_cache import cache_kw
 from softprompt.serve.decode_step import DecodeStep, unsupported
 from softprompt.serve.engine import Engine
 from softprompt.serve.kv_cache import PrefixCache
@@ -51,7 +52,7 @@ def test_keys_and_values_land_where_transformers_puts_them(base):
     cols, positions = torch.tensor([3, 1, 6]), torch.tensor([5, 1, 6])  # a prefix-tuning row: column != position
     with torch.no_grad():
         with a.packed(model, Plan([0, 1, 2], cols.tolist(), [], torch.device("cpu"))):
-            want = model(inputs_embeds=e[None], position_ids=positions[None], past_key_values=a, use_cache=True,
+            want = model(inputs_embeds=e[None], position_ids=positions[None], **cache_kw(a), use_cache=True,
                          logits_to_keep=torch.arange(3), slot_kv=a).logits[0]
         got = DecodeStep(model, b)(e, positions, cols)
     assert torch.equal(got, want)

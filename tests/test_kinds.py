@@ -11,6 +11,7 @@ from softprompt.artifact import load_artifact
 from softprompt.data.examples import Example
 from softprompt.encoding import collate
 from softprompt.generate import SamplingParams, generate_ids
+from softprompt.hf_cache import cache_kw, cache_of, kv_name
 from softprompt.prompts import PrefixTuning, PTuning
 from softprompt.train import TrainConfig, Trainer
 
@@ -95,7 +96,7 @@ def test_prefix_uses_kv_heads_and_leaves_positions(tiny, tmp_path):
     inp = p.model_inputs(tiny.model, batch["input_ids"], batch["attention_mask"])
     assert inp["attention_mask"].shape[1] == batch["input_ids"].shape[1] + 4
     assert inp["position_ids"][0, 0].item() == 4
-    assert inp["past_key_values"].get_seq_length() == 4
+    assert inp[kv_name()].get_seq_length() == 4
 
 
 def test_prefix_initialized_from_token_activations(tiny):
@@ -149,10 +150,10 @@ def test_prefix_with_cache_equals_generation_with_manual_cache(tiny, tmp_path):
     n, L = p.n_virtual, x.shape[1]
     with torch.no_grad():
         out = tiny.model(input_ids=x, attention_mask=torch.ones(1, n + L, dtype=torch.long),
-                         position_ids=torch.arange(n, n + L).unsqueeze(0), past_key_values=cache, use_cache=True)
+                         position_ids=torch.arange(n, n + L).unsqueeze(0), **cache_kw(cache), use_cache=True)
         t1 = int(out.logits[0, -1].argmax())
         out2 = tiny.model(input_ids=torch.tensor([[t1]]), attention_mask=torch.ones(1, n + L + 1, dtype=torch.long),
-                          position_ids=torch.tensor([[n + L]]), past_key_values=out.past_key_values, use_cache=True)
+                          position_ids=torch.tensor([[n + L]]), **cache_kw(cache_of(out)), use_cache=True)
     assert got == [t1, int(out2.logits[0, -1].argmax())]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softprompt.hf_cache import cache_kw, cache_of
 from softprompt.kv_prefix import (
     batch_prefix_len,
     broadcast,
@@ -102,7 +103,7 @@ def test_run_prefix_holds_the_keys_of_a_full_forward(tiny, kind):
     ids, mask, m = _batch(kind)
     with torch.no_grad():
         cache = run_prefix(model, prompt.model_inputs(model, ids, mask), m)
-        full = model(**prompt.model_inputs(model, ids[:1, :m], mask[:1, :m]), use_cache=True).past_key_values
+        full = cache_of(model(**prompt.model_inputs(model, ids[:1, :m], mask[:1, :m]), use_cache=True))
     keys, values = layer_kv(cache)
     want_k, want_v = layer_kv(full)
     n_fixed = prompt.n_virtual if kind == "prefix" else 0
@@ -119,10 +120,10 @@ def test_rewind_then_continue_equals_a_fresh_run(tiny):
     def run(ids, start, cache):
         t = torch.tensor([ids])
         return model(input_ids=t, position_ids=torch.arange(start, start + len(ids)).unsqueeze(0),
-                     past_key_values=cache, use_cache=True)
+                     **cache_kw(cache), use_cache=True)
 
     with torch.no_grad():
-        cache = run(prefix, 0, None).past_key_values
+        cache = cache_of(run(prefix, 0, None))
         run(a, len(prefix), cache)
         assert cache.get_seq_length() == len(prefix) + len(a)
         rewind(cache, len(prefix))
@@ -136,7 +137,7 @@ def test_rewind_then_continue_equals_a_fresh_run(tiny):
 
 def test_cache_rows_and_broadcast(tiny):
     with torch.no_grad():
-        cache = tiny.model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), use_cache=True).past_key_values
+        cache = cache_of(tiny.model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), use_cache=True))
     one = cache_rows(cache, 1, 2)
     many = broadcast(one, 4)
     for src, row, wide in zip(cache.layers, one.layers, many.layers):
@@ -176,7 +177,7 @@ def test_null_prompt_materializes_to_nothing_and_its_prefix_to_the_bare_forward(
     ids = [11, 17, 19]
     pre = materialize(tiny.model, None, ids)
     with torch.no_grad():
-        full = tiny.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        full = cache_of(tiny.model(input_ids=torch.tensor([ids]), use_cache=True))
     assert pre.ids == ids and pre.n_fixed == 0 and pre.n_slots == 3
     for k, layer in zip(pre.keys, full.layers):
         torch.testing.assert_close(k, layer.keys[0], rtol=0, atol=ATOL)

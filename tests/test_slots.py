@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from softprompt.errors import SoftPromptError
+from softprompt.hf_cache import cache_kw
 from softprompt.serve.slots import Chunk, Plan, SlotKV, check_model
 
 
 def _packed(model, kv: SlotKV, plan: Plan, embeds: torch.Tensor, pos: list[int], keep: list[int]) -> torch.Tensor:
     with torch.no_grad(), kv.packed(model, plan):
-        out = model(inputs_embeds=embeds[None], position_ids=torch.tensor([pos]), past_key_values=kv, use_cache=True,
+        out = model(inputs_embeds=embeds[None], position_ids=torch.tensor([pos]), **cache_kw(kv), use_cache=True,
                     logits_to_keep=torch.tensor(keep), slot_kv=kv)
     return out.logits[0]
 
@@ -82,6 +83,7 @@ def test_check_model_refuses_attention_that_ignores_the_interface(tiny, monkeypa
     from transformers.models.llama import modeling_llama
 
     def own_attention(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
+        past_key_values = kw.pop("cache", past_key_values)  # its name from transformers 5.24
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if past_key_values is not None:

@@ -10,6 +10,7 @@ import torch
 from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
+from softprompt.hf_cache import cache_kw, cache_of
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt, as_prompt
 
@@ -67,7 +68,7 @@ def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: Sampling
         pos = pos[:, -1:] + 1
         with autocast(device, bf16):
             res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
-                        past_key_values=res.past_key_values, use_cache=True)
+                        **cache_kw(cache_of(res)), use_cache=True)
     return out
 
 

@@ -9,7 +9,7 @@ prompt's fixed prefix) all do the same two things, and this module is where they
   row, slice rows out of a cache, or rewind a cache back to the prefix after a row has appended to it.
 
 Attention is causal, so a position's keys/values depend only on the positions before it: reusing
-them is exact. Low-level on purpose: it imports torch and transformers only.
+them is exact. Low-level on purpose: it imports torch, transformers and the cache-name helper only.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from softprompt.hf_cache import cache_of, kv_name
 
 
 # -- common prefixes -------------------------------------------------------------------------------
@@ -118,9 +120,9 @@ def run_prefix(net: nn.Module, inputs: dict, m: int):
     n_extra = inputs["attention_mask"].shape[1] - inputs[seq].shape[1]  # positions a kind placed in the cache
     head = {seq: inputs[seq][:1, :m], "attention_mask": inputs["attention_mask"][:1, :n_extra + m],
             "position_ids": inputs["position_ids"][:1, :m]}
-    if inputs.get("past_key_values") is not None:
-        head["past_key_values"] = cache_rows(inputs["past_key_values"], 0, 1)
-    return net(**head, use_cache=True).past_key_values
+    if inputs.get(kv_name()) is not None:
+        head[kv_name()] = cache_rows(inputs[kv_name()], 0, 1)
+    return cache_of(net(**head, use_cache=True))
 
 
 def forward_with_prefix(net: nn.Module, inputs: dict, m: int):
@@ -131,5 +133,5 @@ def forward_with_prefix(net: nn.Module, inputs: dict, m: int):
     seq = _seq_key(inputs)
     cache = run_prefix(net, inputs, m)
     tail = {seq: inputs[seq][:, m:], "attention_mask": inputs["attention_mask"],
-            "position_ids": inputs["position_ids"][:, m:], "past_key_values": broadcast(cache, b)}
+            "position_ids": inputs["position_ids"][:, m:], kv_name(): broadcast(cache, b)}
     return net(**tail, use_cache=False)

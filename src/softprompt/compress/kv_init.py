@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
+from softprompt.hf_cache import cache_kw, cache_of
 from softprompt.kv_prefix import rewind
 from softprompt.precision import autocast
 
@@ -65,7 +66,7 @@ def prefill_kv(model: nn.Module, ids: list[int], bf16: bool = False, start: int 
     t = torch.tensor([ids], device=device)
     pos = torch.arange(start, start + len(ids), device=device)[None]
     with autocast(device, bf16):
-        cache = model(input_ids=t, position_ids=pos, use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=t, position_ids=pos, use_cache=True))
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).float().cpu()
 
 
@@ -81,7 +82,7 @@ def attention_received(model: nn.Module, prefix: list[int], rows: list[list[int]
     try:
         cache = DynamicCache(config=model.config)
         with autocast(device, bf16):
-            model(input_ids=torch.tensor([prefix], device=device), use_cache=True, past_key_values=cache)
+            model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **cache_kw(cache))
         score = torch.zeros(len(prefix), dtype=torch.float64)
         for r in rows:
             if list(r[:len(prefix)]) != list(prefix) or len(r) <= len(prefix):
@@ -90,7 +91,7 @@ def attention_received(model: nn.Module, prefix: list[int], rows: list[list[int]
             tail = torch.tensor([r[len(prefix):]], device=device)
             pos = torch.arange(len(prefix), len(r), device=device)[None]
             with autocast(device, bf16):
-                out = model(input_ids=tail, position_ids=pos, past_key_values=cache, use_cache=True, output_attentions=True)
+                out = model(input_ids=tail, position_ids=pos, **cache_kw(cache), use_cache=True, output_attentions=True)
             a = torch.stack([w[0, :, :, :len(prefix)].float().sum((0, 1)) for w in out.attentions]).sum(0).double().cpu()
             score += a / a.sum()
         rewind(cache, len(prefix))

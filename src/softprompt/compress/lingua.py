@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from softprompt.hf_cache import cache_kw, cache_of, kv_name
+
 
 class _Counter:
     """The tiktoken interface LLMLingua uses (``encode``), backed by a Hugging Face tokenizer."""
@@ -71,9 +73,10 @@ class _LegacyCacheModel:
             for i, (k, v) in enumerate(past_key_values):
                 cache.update(k, v, i)
             past_key_values = cache
-        out = self._model(*args, past_key_values=past_key_values, **kwargs)
-        if getattr(out, "past_key_values", None) is not None and hasattr(out.past_key_values, "layers"):
-            out.past_key_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        out = self._model(*args, **cache_kw(past_key_values), **kwargs)
+        cache = cache_of(out)
+        if cache is not None and hasattr(cache, "layers"):
+            setattr(out, kv_name(), [(layer.keys, layer.values) for layer in cache.layers])
         return out
 
 

@@ -16,6 +16,7 @@ from softprompt.compress.distill import kl_loss, rows_batch
 from softprompt.compress.teacher import TeacherDists
 from softprompt.encoding import Encoded, collate
 from softprompt.generate import SamplingParams, generate_ids
+from softprompt.hf_cache import cache_of
 from softprompt.objectives import target_logits
 from softprompt.precision import autocast
 from softprompt.prompts import as_prompt
@@ -128,7 +129,7 @@ def prefill_cost(base, prompt, rows: list[list[int]], repeats: int = 3, bf16: bo
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        sizes.append(kv_bytes(out.past_key_values))
+        sizes.append(kv_bytes(cache_of(out)))
     return {"prompt_tokens": statistics.mean(len(r) for r in rows), "ttft_ms": 1000 * statistics.median(times),
             "kv_bytes": statistics.mean(sizes)}
 

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from softprompt.atomic import atomic_save_tensors
 from softprompt.base_model import BaseModel
+from softprompt.hf_cache import cache_kw, cache_of
 from softprompt.kv_prefix import extends, kv_cache, layer_kv, rewind
 from softprompt.precision import autocast
 
@@ -92,7 +93,7 @@ class Teacher:
         pos = torch.arange(start, start + t.shape[1], device=self.device).unsqueeze(0)
         self.forwards += 1
         with autocast(self.device, self.bf16):
-            return self.model(input_ids=t, position_ids=pos, past_key_values=cache, use_cache=True)
+            return self.model(input_ids=t, position_ids=pos, **cache_kw(cache), use_cache=True)
 
     @torch.no_grad()
     def set_prefix(self, prefix: list[int]) -> None:
@@ -138,7 +139,7 @@ class Teacher:
             cont.append(nxt)
             if nxt in eos or len(cont) == max_new_tokens:
                 break
-            out = self._forward([nxt], pos, out.past_key_values)
+            out = self._forward([nxt], pos, cache_of(out))
             pos += 1
         return cont, compress_dist(torch.stack(logits_rows), temperature, topk)
 
@@ -169,7 +170,7 @@ class Teacher:
         pos = (P + torch.arange(width, device=dev)).expand(n, width)
         self.forwards += 1
         with autocast(dev, self.bf16):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kw(cache), use_cache=True)
         eos = set(self.base.eos_ids())
         logits_rows: list[list[torch.Tensor]] = [[] for _ in rows]
         if from_pos is not None:
@@ -192,7 +193,7 @@ class Teacher:
             self.forwards += 1
             with autocast(dev, self.bf16):
                 out = self.model(input_ids=nxt.view(n, 1), attention_mask=mask, position_ids=(next_pos + step).view(n, 1),
-                                 past_key_values=out.past_key_values, use_cache=True)
+                                 **cache_kw(cache_of(out)), use_cache=True)
             last = out.logits[:, -1].float()
         return [(c, compress_dist(torch.stack(lr), temperature, topk)) for c, lr in zip(conts, logits_rows)]
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import SoftPromptError
+from softprompt.hf_cache import cache_of, kv_name
 from softprompt.prompts.soft_prompt import Materialized, positions
 
 KV_KEY = "prefix_key_values"
@@ -52,7 +53,7 @@ def activations_kv(model: nn.Module, table: torch.Tensor) -> torch.Tensor:
     positions ``0..n-1``: a prefix that starts out behaving like those tokens. ``[L, 2, H, n, D]``."""
     device = next(model.parameters()).device
     out = model(inputs_embeds=table.to(device, next(model.parameters()).dtype).unsqueeze(0), use_cache=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).float().cpu()
 
 
@@ -131,7 +132,7 @@ class PrefixTuning(Materialized):
         mask = torch.cat([torch.ones(b, n, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
         position_ids = n + positions(attention_mask)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-                "past_key_values": self.cache(model, b)}
+                kv_name(): self.cache(model, b)}
 
     # -- persistence -------------------------------------------------------------------------------
     def config(self) -> dict:

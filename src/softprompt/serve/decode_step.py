@@ -26,6 +26,7 @@ import torch.fx.experimental._config  # noqa: F401
 import torch.nn.functional as F
 from torch import nn
 
+from softprompt.hf_cache import cache_kw
 from softprompt.serve.packed import PackedLinear
 from softprompt.serve.slots import Chunk, Plan, SlotKV
 
@@ -184,7 +185,7 @@ class DecodeStep(nn.Module):
             plan = Plan([], [], [Chunk(i, 0, n) for i, n in enumerate(lengths)], dev)
             pos = torch.tensor([[p for n in lengths for p in range(n)]], device=dev)
             with kv.packed(model, plan):
-                model(inputs_embeds=emb(torch.cat(prompt))[None].to(kv.dtype), position_ids=pos, past_key_values=kv,
+                model(inputs_embeds=emb(torch.cat(prompt))[None].to(kv.dtype), position_ids=pos, **cache_kw(kv),
                       use_cache=True, slot_kv=kv)
             got, cols = [], list(lengths)
             for step in range(3):
@@ -197,7 +198,7 @@ class DecodeStep(nn.Module):
                 else:
                     plan = Plan(list(range(n)), cols[:n], [], dev)
                     with kv.packed(model, plan):
-                        logits = model(inputs_embeds=e[None], position_ids=c[None], past_key_values=kv, use_cache=True,
+                        logits = model(inputs_embeds=e[None], position_ids=c[None], **cache_kw(kv), use_cache=True,
                                        logits_to_keep=torch.arange(n, device=dev), slot_kv=kv, ).logits[0]
                 got.append(logits.float())
                 cols = [x + 1 for x in cols[:n]]

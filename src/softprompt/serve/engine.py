@@ -23,6 +23,7 @@ import torch
 from softprompt.base_model import BaseModel
 from softprompt.errors import SoftPromptError
 from softprompt.generate import SamplingParams, sample_next
+from softprompt.hf_cache import cache_kw
 from softprompt.kv_prefix import common_prefix_len, extends
 from softprompt.prompts import SoftPrompt, as_prompt
 from softprompt.serve.decode_step import DecodeStep, unsupported
@@ -403,7 +404,7 @@ class Engine:
             logits = self.decode_step(embeds[0], position_ids[0], torch.tensor(plan.decode_cols, device=self.device))
         else:
             with self.kv.packed(self.model, plan):
-                logits = self.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=self.kv,
+                logits = self.model(inputs_embeds=embeds, position_ids=position_ids, **cache_kw(self.kv),
                                     use_cache=True, slot_kv=self.kv,
                                     logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device)).logits[0]
         for r in decoding:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softprompt.hf_cache import cache_kw
+
 ATTENTION = "softprompt_slots"
 
 
@@ -262,11 +264,11 @@ def check_model(model: torch.nn.Module) -> None:
             pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
             with kv.packed(model, plan):
                 got1 = model(inputs_embeds=emb(torch.cat([rows[0][:4], rows[1]]))[None], position_ids=pos,
-                             past_key_values=kv, use_cache=True, slot_kv=kv).logits[0, -1]
+                             **cache_kw(kv), use_cache=True, slot_kv=kv).logits[0, -1]
             plan = Plan([], [], [Chunk(0, 4, 2)], device)
             with kv.packed(model, plan):
                 got0 = model(inputs_embeds=emb(rows[0][4:])[None], position_ids=torch.tensor([[4, 5]], device=device),
-                             past_key_values=kv, use_cache=True, slot_kv=kv).logits[0, -1]
+                             **cache_kw(kv), use_cache=True, slot_kv=kv).logits[0, -1]
     except Exception as e:  # noqa: BLE001 - any failure means the model is not servable this way
         raise SoftPromptError(f"model type {name!r} cannot run the serving engine's packed forward: "
                               f"{type(e).__name__}: {e}") from None

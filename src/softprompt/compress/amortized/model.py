@@ -31,6 +31,7 @@ from torch import nn
 from softprompt.base_model import BaseModel
 from softprompt.compress.kv_init import prefill_kv, rotary
 from softprompt.errors import SoftPromptError
+from softprompt.hf_cache import cache_kw
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt
 from softprompt.prompts.prefix import PrefixTuning, cache_layout
@@ -194,7 +195,7 @@ class Encoding:
             x = torch.cat([emb, enc.memory.to(device, emb.dtype)], 0).unsqueeze(0)
             if enc.form == "kv":
                 cache = DynamicCache(config=model.config)
-                backbone(inputs_embeds=x, past_key_values=cache, use_cache=True)
+                backbone(inputs_embeds=x, **cache_kw(cache), use_cache=True)
                 kv = torch.stack([torch.stack([layer.keys[0, :, -m:], layer.values[0, :, -m:]]) for layer in cache.layers]).float()
                 keys = rerotate_keys(model, kv[:, 0], -len(ctx_ids))  # from len(head)+len(ctx)+j to len(head)+j
                 kv = torch.stack([keys, kv[:, 1]], 1)
