@@ -196,6 +196,7 @@ def main() -> int:
     ap.add_argument("--squad-queries", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--squad", type=int, default=2, help="SQuAD contexts of 500-900 tokens")
+    ap.add_argument("--squad-skip", type=int, default=0, help="skip the first K of those SQuAD contexts (run the later ones alone)")
     ap.add_argument("--contexts", default="instructions,squad", help="which contexts: instructions, squad or both")
     ap.add_argument("--curve", default="16,64", help="query counts for the fidelity-vs-queries curve (instructions, prefix)")
     ap.add_argument("--curve-kind", default="prompt-tuning", choices=["prompt-tuning", "prefix"], help="the student of the queries curve")
@@ -235,8 +236,8 @@ def main() -> int:
     base = load_base("smollm2", device="cpu")
     tok = base.tokenizer
     ctxs = [{"name": "instructions", "kind": "instructions", "text": (REPO / "bench" / "data" / "compress_instructions.txt").read_text()}]
-    ctxs = (ctxs if "instructions" in args.contexts else []) + (squad_contexts(tok, 500, 900, args.squad, args.seed)
-                                                               if "squad" in args.contexts else [])
+    squad = squad_contexts(tok, 500, 900, args.squad_skip + args.squad, args.seed)[args.squad_skip:] if "squad" in args.contexts else []
+    ctxs = (ctxs if "instructions" in args.contexts else []) + squad
     meta = {"settings": {k: v for k, v in vars(args).items() if k != "quiet"}, "hardware": hw}
     rows, prep = [], {}
     runs = [x for x in args.runs.split(",") if x]
