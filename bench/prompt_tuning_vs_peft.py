@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +23,11 @@ RESULTS = REPO / "bench" / "results"
 # frozen prepacked copy (softprompt/frozen.py) buys; noshare: without running the shared prefix once;
 # ours-bf16-sdpa: with PyTorch's SDPA kernel instead of the eager attention bf16 on CPU defaults to.
 # peft-bf16-eager: PEFT with transformers' eager attention, the faster kernel for it too in bf16 here.
+# ours-bf16-compile: torch.compile of the backbone (TrainConfig.compile; it runs the base as loaded, not
+# the prepacked copy). Not in the default set: run it with --variants ours-bf16,ours-bf16-compile.
 VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-sdpa", "ours-bf16-unpacked", "ours-bf16-noshare",
             "peft-fp32", "peft-bf16", "peft-bf16-eager"]
+EXTRA = ["ours-bf16-compile"]
 
 
 def peak_rss_mb() -> float:
@@ -64,15 +68,17 @@ def run_variant(name: str, args) -> dict:
                       batch_size=args.batch_size, lr=0.03, init="vocab", precision="bf16" if bf16 else "fp32", device="cpu", seed=0,
                       share_prefix=not name.endswith("noshare"),
                       pack_weights=name.startswith("ours") and not name.endswith("unpacked"),
-                      attention="sdpa" if name.endswith("sdpa") else "auto")
+                      attention="sdpa" if name.endswith("sdpa") else "auto", compile=name.endswith("compile"))
     dev, label_words = dev_examples(args.dev, Path(args.data_dir)) if args.dev else ([], None)
     trainer = Trainer(cfg, exs, None, out=Path(args.tmp) / name, base=base, progress=False)
-    times, tokens, losses, flops = [], [], [], []
+    times, tokens, losses, flops, warm = [], [], [], [], []
     dims = model_dims(base.model)
     if name.startswith("ours"):
         for i in range(args.steps + args.warmup):
             rec = trainer.train_step()
-            if i >= args.warmup:
+            if i < args.warmup:
+                warm.append(rec["time_s"])
+            else:
                 times.append(rec["time_s"])
                 tokens.append(rec["tokens"])
                 rows = [trainer.encoded[j] for j in trainer.plan[i]]  # the head runs at target positions only
@@ -107,7 +113,9 @@ def run_variant(name: str, args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            if i >= args.warmup:
+            if i < args.warmup:
+                warm.append(dt)
+            else:
                 times.append(dt)
                 tokens.append(int(mask.sum()) + args.tokens * len(rows))
                 lens = [len(r) + args.tokens for r in rows]  # PEFT runs the head at every position
@@ -117,7 +125,7 @@ def run_variant(name: str, args) -> dict:
         acc = peft_accuracy(model, trainer.fmt, dev, label_words, bf16) if dev else None
     step = sum(times) / len(times)
     return {"variant": name, "step_s": step, "tokens_per_s": sum(tokens) / sum(times), "peak_rss_mb": peak_rss_mb(),
-            "first_loss": losses[0], "last_loss": losses[-1], "steps_timed": len(times), "dev_accuracy": acc,
+            "first_loss": losses[0], "last_loss": losses[-1], "steps_timed": len(times), "dev_accuracy": acc, "warmup_s": sum(warm),
             "gflop_per_step": sum(flops) / len(flops) / 1e9, "achieved_gflop_s": sum(flops) / sum(times) / 1e9}
 
 
@@ -179,6 +187,57 @@ def markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
+def run_env(args) -> dict:
+    import torch
+
+    from softprompt.hardware import hardware_report
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "model": "SmolLM2-135M-Instruct (embedded)",
+            "data": "SST-2 sentences (sst2 recipe), chat template", "batch_size": args.batch_size, "virtual_tokens": args.tokens,
+            "steps_timed": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds, "examples": args.examples,
+            "dev_examples": args.dev, "hardware": hardware_report(),  # measured in the same run as the variants
+            "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
+
+
+def save_subset(args, rows: list[dict]) -> None:
+    """A side-by-side run of a few variants: per-round step-time ratios against the first one."""
+    env = run_env(args)
+    ref = rows[0]
+    for r in rows:
+        r["speedup_vs_ref_rounds"] = [a / b for a, b in zip(ref["step_s_rounds"], r["step_s_rounds"])]
+        r["speedup_vs_ref"] = statistics.median(r["speedup_vs_ref_rounds"])
+        r["share_of_peak"] = r["achieved_gflop_s"] / env["hardware"]["matmul_gflops"]["bf16" if "bf16" in r["variant"] else "fp32"]
+    for r in rows:
+        print(f"{r['variant']:<20} {r['step_s']:8.3f} s/step  x{r['speedup_vs_ref']:.2f}  dev {r['dev_accuracy']}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(subset_markdown(env, rows))
+
+
+def subset_markdown(env: dict, rows: list[dict]) -> str:
+    from softprompt.hardware import hardware_line
+
+    ref = rows[0]
+    acc = (lambda r: f"{r['dev_accuracy']:.3f}" if r["dev_accuracy"] is not None else "-")
+    md = [f"# Prompt tuning speed: {', '.join(r['variant'] for r in rows)}", ""] + [
+        f"- {k}: {v}" for k, v in env.items() if k != "hardware"] + ["", hardware_line(env["hardware"]), "",
+        f"| variant | s/step (median) | s/step per round | x {ref['variant']} (per-round median) | share of matmul peak | "
+        "dev accuracy | loss first -> last |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {r['step_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['step_s_rounds'])} | {r['speedup_vs_ref']:.2f} | "
+           f"{r['share_of_peak']:.1%} | {acc(r)} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |" for r in rows]
+    md += ["", "Speed of the row over the column: the per-round median of the column's step time over the row's.", "",
+           "| | " + " | ".join(r["variant"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    md += [f"| {r['variant']} | " + " | ".join(f"{statistics.median(c / o for c, o in zip(col['step_s_rounds'], r['step_s_rounds'])):.2f}"
+                                               for col in rows) + " |" for r in rows]
+    md += ["", "| variant | warm-up s per round (a compiled variant's first round starts from an empty inductor cache) |", "|---|---|"]
+    md += [f"| {r['variant']} | {', '.join(f'{x:.1f}' for x in r['warmup_s_rounds'])} |" for r in rows]
+    md += ["", f"Each variant runs in its own process, {env['rounds']} rounds in rotated order; a ratio is the median "
+           "over rounds of the ratio within each round. Timed steps exclude the warm-up steps (for a compiled variant, "
+           "the warm-up includes the compilation)."]
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=40)
@@ -189,36 +248,50 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=960)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--variant", choices=VARIANTS + EXTRA)
+    ap.add_argument("--variants", help="comma-separated subset (the first is the reference of the ratios); saved as --name")
+    ap.add_argument("--name", default="prompt_tuning_vs_peft", help="results file stem")
     ap.add_argument("--tmp", default="/tmp/softprompt-bench")
     ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the saved JSON")
     args = ap.parse_args()
-    if args.render:
-        saved = json.loads((RESULTS / "prompt_tuning_vs_peft.json").read_text())
-        (RESULTS / "prompt_tuning_vs_peft.md").write_text(markdown(saved["env"], saved["results"]))
+    if args.render:  # the subset files are told apart by their own --name
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        render = markdown if args.name == "prompt_tuning_vs_peft" else subset_markdown
+        (RESULTS / f"{args.name}.md").write_text(render(saved["env"], saved["results"]))
         return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
-    per_round: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = args.variants.split(",") if args.variants else VARIANTS
+    for v in variants:
+        if v not in VARIANTS + EXTRA:
+            ap.error(f"--variants: unknown variant {v!r}; expected some of {', '.join(VARIANTS + EXTRA)}")
+    if args.variants and args.name == "prompt_tuning_vs_peft":
+        ap.error("--variants: give the subset its own --name (prompt_tuning_vs_peft holds the full comparison)")
+    per_round: dict[str, list[dict]] = {v: [] for v in variants}
+    # a fresh inductor cache: a compiled variant's first round pays the whole compilation, later rounds reuse it
+    child_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
     for r in range(args.rounds):  # the order rotates, so no variant always runs first or last
-        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             dev = args.dev if r == 0 else 0  # accuracy is deterministic: scored in the first round only
             cmd = [sys.executable, __file__, "--variant", v, f"--dev={dev}"] + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "warmup", "batch_size", "examples", "tokens", "data_dir", "tmp")]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            out = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
             if out.returncode != 0:
                 sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
             per_round[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds} {v}: {per_round[v][-1]['step_s']:.3f} s/step", file=sys.stderr)
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         runs = per_round[v]
         row = dict(runs[0])
         for k in ("step_s", "tokens_per_s", "achieved_gflop_s", "peak_rss_mb"):
             row[k] = statistics.median(x[k] for x in runs)
         row["step_s_rounds"] = [x["step_s"] for x in runs]
+        row["warmup_s_rounds"] = [x["warmup_s"] for x in runs]
         rows.append(row)
+    if args.variants:
+        return save_subset(args, rows)
     ref = next(r for r in rows if r["variant"] == "peft-fp32")
     for r in rows:
         r["speedup_vs_peft_fp32"] = ref["step_s"] / r["step_s"]
@@ -227,21 +300,11 @@ def main() -> None:
         peft_bf16 = [min(a, b) for a, b in zip(*(next(x for x in rows if x["variant"] == n)["step_s_rounds"]
                                                  for n in ("peft-bf16", "peft-bf16-eager")))]
         r["speedup_vs_best_peft_bf16_rounds"] = [p / o for p, o in zip(peft_bf16, r["step_s_rounds"])]
-    import torch
-
-    from softprompt.hardware import hardware_report
-
-    hw = hardware_report()  # measured in the same run as the variants
-    peak = hw["matmul_gflops"]
+    env = run_env(args)
+    peak = env["hardware"]["matmul_gflops"]
     for r in rows:
         r["peak_matmul_gflop_s"] = peak["bf16" if "bf16" in r["variant"] else "fp32"]
         r["share_of_peak"] = r["achieved_gflop_s"] / r["peak_matmul_gflop_s"]
-    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-           "python": platform.python_version(), "model": "SmolLM2-135M-Instruct (embedded)", "data": "SST-2 sentences (sst2 recipe), chat template",
-           "batch_size": args.batch_size, "virtual_tokens": args.tokens, "steps_timed": args.steps, "warmup_steps": args.warmup,
-           "rounds": args.rounds,
-           "examples": args.examples, "dev_examples": args.dev, "hardware": hw,
-           "command": " ".join(["python", "bench/prompt_tuning_vs_peft.py"] + sys.argv[1:])}
     head = f"{'variant':<20} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'x PEFT fp32':>12} {'dev acc':>8} {'GFLOP/s':>8} {'of peak':>8}"
     lines = [head] + [f"{r['variant']:<20} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['speedup_vs_peft_fp32']:12.2f} "
                       f"{r['dev_accuracy']:8.3f} {r['achieved_gflop_s']:8.1f} {r['share_of_peak']:8.1%}" for r in rows]
