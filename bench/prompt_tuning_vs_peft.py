@@ -23,11 +23,13 @@ RESULTS = REPO / "bench" / "results"
 # frozen prepacked copy (softprompt/frozen.py) buys; noshare: without running the shared prefix once;
 # ours-bf16-sdpa: with PyTorch's SDPA kernel instead of the eager attention bf16 on CPU defaults to.
 # peft-bf16-eager: PEFT with transformers' eager attention, the faster kernel for it too in bf16 here.
-# ours-bf16-compile: torch.compile of the backbone (TrainConfig.compile; it runs the base as loaded, not
-# the prepacked copy). Not in the default set: run it with --variants ours-bf16,ours-bf16-compile.
+# ours-bf16-compile: torch.compile of the backbone (TrainConfig.compile) on a copy whose linear weights are
+# cast to bf16 once (softprompt/frozen.py cast_frozen_copy; inductor cannot trace the prepacked copy);
+# ours-bf16-compile-unpacked: compiled on the base as loaded, autocasting its fp32 weights at every step.
+# Not in the default set: run them with --variants ours-bf16,ours-bf16-compile,...
 VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-sdpa", "ours-bf16-unpacked", "ours-bf16-noshare",
             "peft-fp32", "peft-bf16", "peft-bf16-eager"]
-EXTRA = ["ours-bf16-compile"]
+EXTRA = ["ours-bf16-compile", "ours-bf16-compile-unpacked"]
 
 
 def peak_rss_mb() -> float:
@@ -68,7 +70,7 @@ def run_variant(name: str, args) -> dict:
                       batch_size=args.batch_size, lr=0.03, init="vocab", precision="bf16" if bf16 else "fp32", device="cpu", seed=0,
                       share_prefix=not name.endswith("noshare"),
                       pack_weights=name.startswith("ours") and not name.endswith("unpacked"),
-                      attention="sdpa" if name.endswith("sdpa") else "auto", compile=name.endswith("compile"))
+                      attention="sdpa" if name.endswith("sdpa") else "auto", compile="compile" in name)
     dev, label_words = dev_examples(args.dev, Path(args.data_dir)) if args.dev else ([], None)
     trainer = Trainer(cfg, exs, None, out=Path(args.tmp) / name, base=base, progress=False)
     times, tokens, losses, flops, warm = [], [], [], [], []

@@ -10,7 +10,7 @@ from strict import need
 from softprompt.artifact import load_artifact
 from softprompt.data.readers import read_examples
 from softprompt.errors import SoftPromptError
-from softprompt.frozen import EAGER_OR_SDPA, FrozenLinear, fast_frozen_copy, training_attention, with_attention
+from softprompt.frozen import EAGER_OR_SDPA, FrozenLinear, cast_frozen_copy, fast_frozen_copy, training_attention, with_attention
 from softprompt.onednn import packing_available
 from softprompt.train import TrainConfig, Trainer
 
@@ -80,6 +80,43 @@ def test_the_default_packs_in_bf16_only(tiny, tiny_dir, sentiment_files, tmp_pat
         cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=1, batch_size=4, init="random", device="cpu", precision=precision)
         t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)
         assert _packed(t.model) == packed, precision
+
+
+def test_cast_copy_shares_all_but_the_linear_weights_and_gives_autocast_bit_for_bit(tiny):
+    """The copy a compiled bf16 run trains on: linear weights cast once to bf16, everything else the
+    base's own tensors; under autocast its logits and input gradients are the base's exactly."""
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    cast = cast_frozen_copy(tiny.model)
+    lin = [m for m in cast.modules() if type(m) is torch.nn.Linear]
+    assert lin and all(m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad for m in lin)
+    base_ptrs = {t.data_ptr() for t in (*tiny.model.parameters(), *tiny.model.buffers())}
+    lin_ptrs = {m.weight.data_ptr() for m in lin}
+    others = [t for n, t in (*cast.named_parameters(), *cast.named_buffers()) if t.data_ptr() not in lin_ptrs]
+    assert others and all(t.data_ptr() in base_ptrs for t in others)  # embeddings, norms: shared, not copied
+    assert not lin_ptrs & base_ptrs
+    ids = torch.tensor([tiny.tokenizer("the movie was bad, the acting worse").input_ids])
+    grads = []
+    for model in (tiny.model, cast):
+        emb = tiny.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs_embeds=emb).logits.float()
+        logits.logsumexp(-1).sum().backward()
+        grads.append((logits.detach(), emb.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=0)
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
+    assert all(m.weight.dtype == torch.float32 for m in tiny.model.modules() if type(m) is torch.nn.Linear)
+
+
+def test_a_compiled_bf16_run_trains_on_the_cast_copy(tiny, tiny_dir, sentiment_files, tmp_path):
+    data = read_examples(sentiment_files[0])
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=1, batch_size=4, init="random", device="cpu",
+                          precision=precision, compile=True)
+        t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)  # compiles lazily: nothing runs
+        assert not _packed(t.model)
+        assert {m.weight.dtype for m in t.model.modules() if type(m) is torch.nn.Linear} == {want}
+        assert (t.model is tiny.model) == (precision == "fp32")
 
 
 # -- the attention kernel training runs ---------------------------------------------------------------

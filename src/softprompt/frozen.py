@@ -150,22 +150,49 @@ def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return fast
 
 
+def cast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of ``model`` whose linear layers hold their weights (and biases) in ``dtype``, cast
+    once, as frozen parameters; every other parameter and buffer (embeddings, norms, rotary tables) is
+    shared with ``model``, not copied. Under autocast to ``dtype`` its products equal the base's bit
+    for bit (autocast casts the same weights the same way, but at every call); it is what a compiled
+    run trains on, since the graph compiler traces plain ``nn.Linear`` layers but not the oneDNN
+    packed ones of :func:`fast_frozen_copy`."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, memo)  # new modules over the same tensors; the linear ones are then replaced
+    n = 0
+    for module in out.modules():
+        if type(module) is nn.Linear:  # a head tied to the embedding gets its own cast copy; the embedding stays shared
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            n += 1
+    out.eval()
+    log.info("training on a copy of the base with %d linear layers cast once to %s (other weights shared)",
+             n, str(dtype).removeprefix("torch."))
+    return out
+
+
 def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = None, attention: str = "auto",
                    compile: bool = False) -> nn.Module:
-    """The model a prompt trains on: on CPU, a frozen copy with prepacked weights in the run's
-    precision when ``pack_weights`` (None: in bf16 only, where it is faster; in fp32 it bought no speed
-    for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md) and the run is not compiled; else
-    ``model`` itself. Either runs the attention kernel :func:`training_attention` picks (a copy sharing
-    the weights where that differs from the model's own). ``model`` is never modified.
+    """The model a prompt trains on: on CPU, when ``pack_weights`` (None: in bf16 only, where it is
+    faster; in fp32 it bought no speed for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md), a
+    frozen copy with prepacked weights in the run's precision, or, for a compiled run, a copy whose
+    linear weights are cast once to bf16 (:func:`cast_frozen_copy`; fp32 compiled runs train on
+    ``model``); else ``model`` itself. Each runs the attention kernel :func:`training_attention` picks
+    (a copy sharing the weights where that differs from the model's own). ``model`` is never modified.
     Each call makes its own copy: callers that run many jobs on one base share theirs (the amortized
     compressor gives every context's job the same one)."""
     device = next(model.parameters()).device
     pack = bf16 if pack_weights is None else pack_weights
     impl = training_attention(attention, device, bf16)
-    if pack and not compile and device.type == "cpu":
-        fast = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32)
-        if fast is not None:  # already a copy of its own: switch its kernel in place
-            if impl is not None and fast.config._attn_implementation != impl:
-                fast.set_attn_implementation(impl)
-            return fast
+    fast = None
+    if pack and device.type == "cpu":
+        if not compile:
+            fast = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32)
+        elif bf16:
+            fast = cast_frozen_copy(model, torch.bfloat16)
+    if fast is not None:  # already a copy of its own: switch its kernel in place
+        if impl is not None and fast.config._attn_implementation != impl:
+            fast.set_attn_implementation(impl)
+        return fast
     return with_attention(model, impl)
