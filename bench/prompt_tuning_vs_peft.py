@@ -25,11 +25,12 @@ RESULTS = REPO / "bench" / "results"
 # peft-bf16-eager: PEFT with transformers' eager attention, the faster kernel for it too in bf16 here.
 # ours-bf16-compile: torch.compile of the backbone (TrainConfig.compile) on a copy whose linear weights are
 # cast to bf16 once (softprompt/frozen.py cast_frozen_copy; inductor cannot trace the prepacked copy);
-# ours-bf16-compile-unpacked: compiled on the base as loaded, autocasting its fp32 weights at every step.
+# ours-bf16-compile-unpacked: compiled on the base as loaded, autocasting its fp32 weights at every step;
+# ours-fp32-compile: compiled in fp32 (on the base as loaded).
 # Not in the default set: run them with --variants ours-bf16,ours-bf16-compile,...
 VARIANTS = ["ours-fp32", "ours-fp32-unpacked", "ours-bf16", "ours-bf16-sdpa", "ours-bf16-unpacked", "ours-bf16-noshare",
             "peft-fp32", "peft-bf16", "peft-bf16-eager"]
-EXTRA = ["ours-bf16-compile", "ours-bf16-compile-unpacked"]
+EXTRA = ["ours-bf16-compile", "ours-bf16-compile-unpacked", "ours-fp32-compile"]
 
 
 def peak_rss_mb() -> float:
