@@ -595,7 +595,7 @@ def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
         prompt = job.make_prompt()
         loss, n = job._loss(prompt, entries[:4])
         loss.backward()
-        jobs[share] = (float(loss) / n, [p.grad.clone() for p in prompt.parameters() if p.requires_grad])
+        jobs[share] = (float(loss.detach()) / n, [p.grad.clone() for p in prompt.parameters() if p.requires_grad])
         assert job.student_model is tiny.model  # fp32: the base as it is
     (plain, g0), (shared, g1) = jobs[False], jobs[True]
     assert plain > 1e-3
