@@ -114,14 +114,18 @@ def training_attention(setting: str, device: torch.device, bf16: bool) -> str | 
     return _register_eager_or_sdpa() if bf16 and device.type == "cpu" else None
 
 
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """New modules (and config) over the same parameters and buffers: nothing is copied."""
+    return copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
 def with_attention(model: nn.Module, impl: str | None) -> nn.Module:
     """``model`` running attention with ``impl`` (a transformers attention implementation): the model
     itself when it already does (or ``impl`` is None), else a copy of its modules and config that
     shares every parameter and buffer (no weight is copied; the original keeps its kernel)."""
     if impl is None or model.config._attn_implementation == impl:
         return model
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    out = copy.deepcopy(model, memo)
+    out = _shared_copy(model)
     out.set_attn_implementation(impl)
     log.info("training with %s attention (the base model keeps %s)", impl, model.config._attn_implementation)
     return out
@@ -157,8 +161,7 @@ def cast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     for bit (autocast casts the same weights the same way, but at every call); it is what a compiled
     run trains on, since the graph compiler traces plain ``nn.Linear`` layers but not the oneDNN
     packed ones of :func:`fast_frozen_copy`."""
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    out = copy.deepcopy(model, memo)  # new modules over the same tensors; the linear ones are then replaced
+    out = _shared_copy(model)  # the linear weights are then replaced
     n = 0
     for module in out.modules():
         if type(module) is nn.Linear:  # a head tied to the embedding gets its own cast copy; the embedding stays shared
