@@ -149,6 +149,7 @@ def lora(trainer, fmt: PromptFormat, lr: float, r: int = 8, alpha: int = 16, bar
     from peft import LoraConfig, TaskType, get_peft_model
 
     cfg, base = trainer.cfg, trainer.base
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same draw whether or not our prompt trained first
     model = get_peft_model(base.model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=0.0,
                                                   target_modules=LORA_TARGETS))
     inner = model.get_base_model()

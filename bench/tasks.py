@@ -144,12 +144,13 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, train, None, Path(tmp) / "prompt", base=base, progress=args.inner_progress)
         init = trainer.prompt.embeddings.detach().clone()
-        t0 = time.perf_counter()
-        res = trainer.run()
-        train_s = time.perf_counter() - t0
+        if not save.has(task, "ours", seed):  # on resume the peers need only the init and the batches
+            t0 = time.perf_counter()
+            res = trainer.run()
+            train_s = time.perf_counter() - t0
     trainer.prompt.eval()
-    losses = [h["loss"] for h in trainer.history if h.get("type") == "train"]
     if not save.has(task, "ours", seed):
+        losses = [h["loss"] for h in trainer.history if h.get("type") == "train"]
         t0 = time.perf_counter()
         preds = predict(base, trainer.model, trainer.prompt, trainer.fmt, recipe, task, test, bf16)
         row("ours", seed, preds, train_s=train_s, step_s=train_s / res.steps_done, eval_s=time.perf_counter() - t0,

@@ -81,6 +81,32 @@ def test_render_rebuilds_the_markdown_from_the_json(quick):
     assert (quick / "tasks.md").read_text() == before
 
 
+def test_resume_adds_the_peer_rows_without_retraining_ours_and_they_equal_a_fresh_run(quick, long_tiny, tmp_path, monkeypatch):
+    """Adding PEFT and LoRA rows to a run that has ours (the 200-step tables) trains only the peers,
+    and their rows are the ones an uninterrupted run wrote (same init, batches and LoRA draw)."""
+    doc = json.loads((quick / "tasks.json").read_text())
+    peer_rows = {(r["method"], r["seed"]): r for r in doc["rows"] if r["task"] == "sst2" and r["method"] in ("peft-prompt-tuning", "lora")}
+    assert len(peer_rows) == 4
+    doc["rows"] = [r for r in doc["rows"] if not (r["task"] == "sst2" and r["method"] in ("peft-prompt-tuning", "lora"))]
+    (tmp_path / "tasks.json").write_text(json.dumps(doc))
+    ours_before = [r for r in doc["rows"] if r["method"] == "ours"]
+
+    def no_training(self):
+        raise AssertionError("ours was trained again although its row was saved")
+
+    monkeypatch.setattr(tasks.Trainer, "run", no_training)
+    assert tasks.main(["--quick", "--model", str(long_tiny), "--out", str(tmp_path), "--tasks", "sst2", "--resume",
+                       "--no-inner-progress"]) == 0
+    after = json.loads((tmp_path / "tasks.json").read_text())
+    assert [r for r in after["rows"] if r["method"] == "ours"] == ours_before
+    got = {(r["method"], r["seed"]): r for r in after["rows"] if r["task"] == "sst2" and r["method"] in ("peft-prompt-tuning", "lora")}
+    assert got.keys() == peer_rows.keys()
+    for k, want in peer_rows.items():
+        assert got[k]["accuracy"] == want["accuracy"], k
+        assert math.isclose(got[k]["first_loss"], want["first_loss"], rel_tol=1e-5), k
+        assert math.isclose(got[k]["last_loss"], want["last_loss"], rel_tol=1e-5), k
+
+
 def test_peft_prompt_tuning_starts_from_our_vectors(long_tiny):
     """With lr 0 nothing moves, so PEFT's table after 'training' must be exactly our initial one (read
     from PEFT's own prompt encoder, not from the stats the helper reports)."""
