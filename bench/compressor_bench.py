@@ -15,7 +15,7 @@ few words.", never generated, never trained on):
   eighth of those steps on the same queries: does it reach the per-context fidelity in a quarter?
 
     python bench/compressor_bench.py --compressor runs/kv [--compressor runs/projector] [--contexts 6]
-Results: bench/results/compressor_bench.{json,md}, written after every context.
+Results: bench/results/compressor_bench.{json,md} (``--name`` another stem), written after every context.
 """
 from __future__ import annotations
 
@@ -140,11 +140,11 @@ def summarize(rows: list[dict], names: list[str]) -> dict:
     return s
 
 
-def write(rows: list[dict], names: list[str], meta: dict, hw_line: str) -> None:
+def write(rows: list[dict], names: list[str], meta: dict, hw_line: str, name: str = NAME) -> None:
     from softprompt.atomic import atomic_write_json, atomic_write_text
 
     summary = summarize(rows, names) if rows else {}
-    atomic_write_json(RESULTS / f"{NAME}.json", {**meta, "rows": rows, "summary": summary})
+    atomic_write_json(RESULTS / f"{name}.json", {**meta, "rows": rows, "summary": summary})
     lines = ["# Amortized compressor: held-out SQuAD paragraphs", "", hw_line, "",
              f"Settings: `{json.dumps(meta['settings'])}`", ""]
     for n in names:
@@ -182,7 +182,7 @@ def write(rows: list[dict], names: list[str], meta: dict, hw_line: str) -> None:
             lines.append(f"| {r['sha']} | {p['steps']} | {p['total_s']:.0f} ({p['queries_s']:.0f} + {p['teacher_s']:.0f} + "
                          f"{p['train_s']:.0f}) | {_f(p['fidelity']['kl_per_token'])} | {_f(fw['fidelity']['soft']['kl_per_token'])} | "
                          f"{p['total_s'] / fw['forward_s']:.0f}x | {ref} |")
-    atomic_write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -198,6 +198,7 @@ def main() -> int:
     ap.add_argument("--train-queries", type=int, default=16, help="self-study queries for per-context compression / refine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/compressor_bench")
+    ap.add_argument("--name", default=NAME, help=f"results file stem under bench/results (default {NAME})")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
@@ -215,7 +216,7 @@ def main() -> int:
     if leaked:
         raise SystemExit(f"held-out paragraphs {leaked} were used in training: refusing to benchmark on them")
     hw = hardware_report()
-    meta = {"settings": {k: v for k, v in vars(args).items() if k != "quiet"}, "hardware": hw,
+    meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("quiet", "name")}, "hardware": hw,
             "compressors": {n: {"form": c.form, "memory": c.memory, "metrics": c.meta.get("metrics"),
                                 "train_contexts": len(c.meta.get("contexts", {}).get("train", [])),
                                 "train_config": {k: c.meta.get("train_config", {}).get(k) for k in
@@ -232,12 +233,12 @@ def main() -> int:
             row["compressors"][n] = one_forward(c, ctx, held, work / ctx.sha / n, args)
             print(f"[{i + 1}/{len(ctxs)}] {ctx.sha} {n}: {json.dumps(row['compressors'][n]['fidelity']['soft'])}", flush=True)
         rows.append(row)
-        write(rows, names, meta, hardware_line(hw))
+        write(rows, names, meta, hardware_line(hw), args.name)
     for i, (row, ctx) in enumerate(zip(rows[:args.refine_contexts], ctxs)):
         row["refine_bench"] = per_context_and_refine(comps[names[0]], ctx, held_queries(ctx, args.questions),
                                                      work / ctx.sha / "per-context-bench", args)
         print(f"[per-context {i + 1}] {json.dumps(row['refine_bench'])}", flush=True)
-        write(rows, names, meta, hardware_line(hw))
+        write(rows, names, meta, hardware_line(hw), args.name)
     return 0
 
 
