@@ -397,8 +397,11 @@ CLASSIFY_NOTE = ", ours with the `classify` objective (softmax over the label wo
 def markdown(doc: dict) -> str:
     summary = summarize(doc)
     st = doc["setup"]
+    runs = [r["setup"] for r in doc.get("earlier_runs", []) if "setup" in r] + [st]
+    seeds = max(r["seeds"] for r in runs)
     md = ["# Every task: hand-written, few-shot, our prompt tuning, PEFT prompt tuning, LoRA", "",
-          f"Model: {st['model']}. {st['seeds']} seeds; each seed trains on the same {st['train_examples']} training examples (a fixed "
+          f"Model: {st['model']}. Up to {seeds} seeds (the per-seed scores below give each cell's count); each seed trains on "
+          f"the same {st['train_examples']} training examples (a fixed "
           f"sample per task) for {st['steps']} steps of batch {st['batch_size']}, lr {st['lr']} (LoRA {st['lora_lr']}), warmup "
           f"{st['warmup']} then linear decay, gradient clipping 1.0, AdamW, "
           f"{st.get('precision', 'fp32')} (ours trains in it, PEFT and LoRA under its autocast, scoring too); "
@@ -410,7 +413,11 @@ def markdown(doc: dict) -> str:
           f"{', '.join(map(str, range(st['fewshot_seeds'])))}, the same for every seed of the trained rows. "
           f"Examples longer than {st['max_tokens'] or 'the window'} tokens (soft-template encoding) are left out of both samples. "
           f"Budget: {st['budget']}.", "",
-          hardware_line(doc["hardware"]), "",
+          hardware_line(doc["hardware"]), ""]
+    if len(runs) > 1:  # resumed runs: each added rows under the settings above, on its own command line
+        md += [f"Assembled by {len(runs)} runs, each keeping the rows before it: "
+               + "; ".join(f"`{r.get('command', '?')}` ({r.get('date', '?')})" for r in runs) + ".", ""]
+    md += [
           "Cells: mean over seeds [95% t-interval over seeds]; a row measured once (zero-shot, which is deterministic, and few-shot "
           "with one demonstration draw) has the bootstrap interval over the test examples instead. "
           "Metric: the recipe's own (accuracy; macro-F1 for tweeteval emotion; exact match for SQuAD, F1 beside it; "
@@ -423,7 +430,7 @@ def markdown(doc: dict) -> str:
             continue
         gap = f"{s['ours']['mean'] - s['lora']['mean']:+.3f}" if "ours" in s and "lora" in s else "—"
         md.append(f"| {task} | {next(iter(s.values()))['metric']} | " + " | ".join(fmt_cell(s.get(m)) for m in METHODS) + f" | {gap} |")
-    md += ["", f"Per seed (seeds {', '.join(map(str, range(st['seeds'])))}):", "",
+    md += ["", "Per seed (a cell's scores in seed order):", "",
            "| task | method | per-seed scores | extra metrics | train s/run | init max abs diff to ours |", "|---|---|---|---|---|---|"]
     for task in TASKS:
         for method in METHODS:
@@ -565,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and path.exists():
         old = json.loads(path.read_text())
         doc["rows"], doc["wall_s"] = old["rows"], old.get("wall_s", 0.0)
+        # this run's setup replaces the old one: keep the earlier runs' setups (and a merge's sources)
+        doc["earlier_runs"] = [*old.get("earlier_runs", []), {k: old[k] for k in ("setup", "hardware", "merged_from") if k in old}]
         if "sst2_fewshot_check" in old:
             doc["sst2_fewshot_check"] = old["sst2_fewshot_check"]
     save = Saver(path, doc)

@@ -99,6 +99,8 @@ def test_resume_adds_the_peer_rows_without_retraining_ours_and_they_equal_a_fres
                        "--no-inner-progress"]) == 0
     after = json.loads((tmp_path / "tasks.json").read_text())
     assert [r for r in after["rows"] if r["method"] == "ours"] == ours_before
+    assert [r["setup"]["tasks"] for r in after["earlier_runs"]] == [["sst2", "trec", "squad"]] and after["setup"]["tasks"] == ["sst2"]
+    assert "Assembled by 2 runs" in (tmp_path / "tasks.md").read_text()
     got = {(r["method"], r["seed"]): r for r in after["rows"] if r["task"] == "sst2" and r["method"] in ("peft-prompt-tuning", "lora")}
     assert got.keys() == peer_rows.keys()
     for k, want in peer_rows.items():
