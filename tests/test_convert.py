@@ -175,11 +175,9 @@ def test_smollm2_instruction_prefix_converts(smollm2, tmp_path):
                  "the city", "flowers", "summer", "a dog", "the night", "apples", "the river", "snow", "a friend",
                  "mountains", "the kitchen", "birds", "the sun", "a school", "cheese", "the forest", "a car", "the wind", "tea",
                  "the garden", "a song", "the beach", "a horse", "the stars", "chocolate"]]
-    t0 = time.time()
     cfg = ConvertConfig(tokens=8, init="text:Answer with one word in French.", steps=40, max_new_tokens=8, n_heldout=6, lr=0.05,
                         batch_size=6, patience=0)
     res = convert_prompt(tmp_path / "prefix", tmp_path / "pt", cfg, examples, base=smollm2, progress=False)
     fid = res.report["fidelity"]
     assert fid["converted"]["kl_per_token"] < fid["no_prompt"]["kl_per_token"], fid
     assert load_artifact(res.out, base=smollm2).kind == "prompt-tuning"
-    assert time.time() - t0 < 240

@@ -5,7 +5,6 @@ hangs up, a bounded load test, and SmolLM2 (slow)."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -268,11 +267,9 @@ def test_bounded_load_64_requests_8_concurrent_no_errors(live):
                                           max_tokens=8, temperature=0)
         return r.usage.completion_tokens
 
-    t0 = time.time()
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool:  # the timeout guards against a hang, not a speed claim
         counts = list(pool.map(one, range(64), timeout=300))
     assert len(counts) == 64 and all(0 <= n <= 8 for n in counts)
-    assert time.time() - t0 < 300
 
 
 @pytest.mark.slow
