@@ -4,12 +4,14 @@ small assertions. The fixtures that use them (base, prompts_dir, keys_file, live
 conftest.py."""
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,12 @@ from softprompt.train import TrainConfig, Trainer
 KEY_A, KEY_B, KEY_ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-admin"
 A_PROMPTS = ["trained", "pt", "pt-plain", "hybrid", "ptune", "prefix", "prefix-plain", "base"]
 TEXTS = ["hello there", "the movie was bad", "x", "a much longer input text to see that padding works well"]
+
+
+# httpx's module functions with a 60 s timeout instead of httpx's 5 s. No test here measures latency,
+# and a loaded 2-core CI runner once took longer than 5 s to answer a first /openapi.json.
+http = types.SimpleNamespace(**{m: functools.partial(getattr(httpx, m), timeout=60)
+                                for m in ("get", "post", "put", "delete", "request", "stream")})
 
 
 def _save(base, directory: Path, prompt, template: str, chat: bool = True) -> Path:

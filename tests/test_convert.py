@@ -11,11 +11,10 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import torch
 from conftest import SENTIMENT, write_jsonl
-from serve_helpers import LiveServer, _cli, _err, reference
+from serve_helpers import LiveServer, _cli, _err, http, reference
 
 from softprompt.artifact import load_artifact
 from softprompt.compress.convert import ConvertConfig, convert_prompt
@@ -124,7 +123,7 @@ def test_gateway_refusal_names_the_command_that_makes_it_servable(base, tiny_dir
     with FakeVLLM(base.model, base.tokenizer, base.eos_ids()) as fake:
         server = build_vllm_server(str(tiny_dir), root, [fake.url], health_interval=0.2, watch_interval=0.2)
         with LiveServer(server) as s:
-            err = _err(httpx.post(s.url + "/v1/completions", json=body, timeout=30), 400)
+            err = _err(http.post(s.url + "/v1/completions", json=body, timeout=30), 400)
             command = re.search(r"`(softprompt convert [^`]+)`", err["message"]).group(1)
             assert command == "softprompt convert prefix --to prompt-tuning --out prefix-pt"
             args = command.split()[1:] + ["--model", str(tiny_dir), "--steps", "10", "--max-new-tokens", "6", "--n-queries", "24",
@@ -134,7 +133,7 @@ def test_gateway_refusal_names_the_command_that_makes_it_servable(base, tiny_dir
             assert "KL per token" in r.stdout and "generated" in r.stdout  # no data recorded: inputs the model wrote
             deadline = time.time() + 20
             while True:
-                got = httpx.post(s.url + "/v1/completions", json={**body, "model": "prefix-pt"}, timeout=30)
+                got = http.post(s.url + "/v1/completions", json={**body, "model": "prefix-pt"}, timeout=30)
                 if got.status_code == 200 or time.time() > deadline:
                     break
                 time.sleep(0.2)

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 import pytest
 import torch
-from serve_helpers import A_PROMPTS, KEY_A, TEXTS, LiveServer, _err, _save, _wait, base_reference, reference
+from serve_helpers import A_PROMPTS, KEY_A, TEXTS, LiveServer, _err, _save, _wait, base_reference, http, reference
 
 from softprompt.generate import SamplingParams, generate_ids
 from softprompt.prompts import PromptTuning
@@ -130,7 +129,7 @@ def test_streaming_completion_and_chat(live):
     assert chat[-1].usage.completion_tokens == 5 and chat[-1].choices == []
     assert text == c.chat.completions.create(model="hybrid", messages=[{"role": "user", "content": "x"}], max_tokens=5,
                                              temperature=0).choices[0].message.content
-    with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"},
+    with http.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"},
                       json={"model": "pt", "prompt": "hi", "max_tokens": 3, "stream": True, "temperature": 0}) as r:
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
@@ -159,13 +158,13 @@ def test_prefix_cache_hits_and_cached_tokens(live):
     lp = live.server.registry.get("ptune")
     assert r2.usage.prompt_tokens_details.cached_tokens == len(lp.prefix_ids) > 6  # chat header + 6 soft tokens
     assert r1.usage.prompt_tokens_details.cached_tokens in (0, len(lp.prefix_ids))  # 0 if it was the first
-    text = httpx.get(live.url + "/metrics").text
+    text = http.get(live.url + "/metrics").text
     for name in ("softprompt_queue_length", "softprompt_batch_size", "softprompt_tokens_per_second",
                  "softprompt_prefix_cache_hits_total"):
         assert f"\n{name} " in text or text.startswith(f"{name} ") or f"# TYPE {name} " in text
     hits = float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("softprompt_prefix_cache_hits_total")))
     assert hits >= 1
-    h = httpx.get(live.url + "/health").json()
+    h = http.get(live.url + "/health").json()
     assert h["status"] == "ok" and h["prompts"] >= 8
 
 
@@ -187,7 +186,7 @@ def test_prefix_cache_hits_and_cached_tokens(live):
     ({"model": "pt", "prompt": "word " * 150}, "prompt"),
 ])
 def test_bad_completion_requests_are_400(live, body, param):
-    err = _err(httpx.post(live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body), 400)
+    err = _err(http.post(live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body), 400)
     assert err["param"] == param and err["type"] == "invalid_request_error"
 
 
@@ -204,22 +203,22 @@ def test_bad_completion_requests_are_400(live, body, param):
                                         {"role": "user", "content": "c"}]}, "messages"),
 ])
 def test_bad_chat_requests_are_400(live, body, param):
-    err = _err(httpx.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body), 400)
+    err = _err(http.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body), 400)
     assert err["param"] == param
 
 
 def test_malformed_and_oversized_bodies_are_400(live):
     h = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"}
-    assert "JSON" in _err(httpx.post(live.url + "/v1/completions", headers=h, content=b'{"model": "pt", '), 400)["message"]
-    _err(httpx.post(live.url + "/v1/completions", headers=h, content=b"[1, 2]"), 400)
-    _err(httpx.post(live.url + "/v1/completions", headers=h, content=b"\xff\xfe"), 400)
-    _err(httpx.post(live.url + "/v1/completions", headers=h, content=b""), 400)
+    assert "JSON" in _err(http.post(live.url + "/v1/completions", headers=h, content=b'{"model": "pt", '), 400)["message"]
+    _err(http.post(live.url + "/v1/completions", headers=h, content=b"[1, 2]"), 400)
+    _err(http.post(live.url + "/v1/completions", headers=h, content=b"\xff\xfe"), 400)
+    _err(http.post(live.url + "/v1/completions", headers=h, content=b""), 400)
     big = json.dumps({"model": "pt", "prompt": "x" * 5000}).encode()
-    assert _err(httpx.post(live.url + "/v1/completions", headers=h, content=big), 400)["code"] == "body_too_large"
-    _err(httpx.get(live.url + "/v1/nothing-here"), 404)
+    assert _err(http.post(live.url + "/v1/completions", headers=h, content=big), 400)["code"] == "body_too_large"
+    _err(http.get(live.url + "/v1/nothing-here"), 404)
     with pytest.raises(openai.BadRequestError):
         live.client().completions.create(model="pt", prompt="x", max_tokens=-1)
-    assert httpx.get(live.url + "/health").json()["status"] == "ok"  # still serving
+    assert http.get(live.url + "/health").json()["status"] == "ok"  # still serving
 
 
 def test_full_queue_is_429(base, prompts_dir):
@@ -241,11 +240,11 @@ def test_disconnect_mid_stream_frees_the_slot(base, prompts_dir):
     server = Server(base, Registry(base, prompts_dir), Auth(), Limits(max_tokens=240), watch_interval=None)
     body = {"model": "pt-plain", "prompt": "hello", "max_tokens": 240, "temperature": 0}
     with LiveServer(server) as s:
-        full = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()
+        full = http.post(s.url + "/v1/completions", json=body, timeout=60).json()
         assert full["choices"][0]["finish_reason"] == "length"  # left alone, this request runs all 240 steps
         engine = server.engine
         tokens_before = server.metrics.tokens_out
-        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}) as r:
+        with http.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break  # hang up after the first chunk

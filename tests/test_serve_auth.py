@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
-from serve_helpers import A_PROMPTS, KEY_A, KEY_B, _err
+from serve_helpers import A_PROMPTS, KEY_A, KEY_B, _err, http
 
 
 def test_models_lists_only_the_tenants_prompts(live):
@@ -19,8 +18,8 @@ def test_models_lists_only_the_tenants_prompts(live):
 def test_auth_errors_and_tenant_isolation(live):
     with pytest.raises(openai.AuthenticationError):
         live.client("sk-wrong").models.list()
-    _err(httpx.get(live.url + "/v1/models"), 401)
-    _err(httpx.post(live.url + "/v1/completions", json={"model": "pt", "prompt": "x"}), 401)
+    _err(http.get(live.url + "/v1/models"), 401)
+    _err(http.post(live.url + "/v1/completions", json={"model": "pt", "prompt": "x"}), 401)
     with pytest.raises(openai.NotFoundError) as other:
         live.client(KEY_A).completions.create(model="secret", prompt="x", max_tokens=2)
     with pytest.raises(openai.NotFoundError) as missing:

@@ -7,7 +7,7 @@ import sys
 import time
 
 import openai
-from serve_helpers import TEXTS, _cli, _free_port, reference
+from serve_helpers import TEXTS, _cli, _free_port, http, reference
 
 from softprompt.base_model import load_base
 from softprompt.generate import SamplingParams
@@ -43,13 +43,13 @@ def test_cli_serves_with_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny
         while True:
             assert proc.poll() is None, proc.stderr.read()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if http.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.time() < deadline, "server did not start"
             time.sleep(0.2)
-        assert "softprompt studio" in httpx.get(f"http://127.0.0.1:{port}/studio/", timeout=10).text  # --studio
+        assert "softprompt studio" in http.get(f"http://127.0.0.1:{port}/studio/", timeout=10).text  # --studio
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         text = "".join(c.choices[0].text for c in client.completions.create(model="pt", prompt=TEXTS[3], max_tokens=6,
                                                                             temperature=0, stream=True) if c.choices)

@@ -7,11 +7,10 @@ from __future__ import annotations
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 import pytest
 import yaml
-from serve_helpers import LiveServer, _err
+from serve_helpers import LiveServer, _err, http
 from test_amortized import _cfg, _context, _contexts
 
 from softprompt.compress.amortized import Trainer
@@ -64,7 +63,7 @@ def _client(live, key=USER) -> openai.OpenAI:
 
 
 def _metric(live, name: str) -> float:
-    text = httpx.get(live.url + "/metrics").text
+    text = http.get(live.url + "/metrics").text
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
@@ -118,7 +117,7 @@ def test_a_repeated_context_hits_the_cache(ctx_live):
 
 def test_the_admin_endpoint_registers_a_context_as_a_listed_prompt(ctx_live, compressor):
     text = _context(44)
-    r = httpx.put(ctx_live.url + "/admin/contexts/harbor44", json={"context": text},
+    r = http.put(ctx_live.url + "/admin/contexts/harbor44", json={"context": text},
                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -134,11 +133,11 @@ def test_the_admin_endpoint_registers_a_context_as_a_listed_prompt(ctx_live, com
     assert all(bool((v == art.tensors[k]).all()) for k, v in want.items())
     # bad admin input: a bad name, an empty context, an unknown field, a user key
     h = {"Authorization": f"Bearer {ADMIN}"}
-    assert _err(httpx.put(ctx_live.url + "/admin/contexts/bad%20name", json={"context": text}, headers=h), 400)["param"] == "name"
-    assert _err(httpx.put(ctx_live.url + "/admin/contexts/x", json={"context": " "}, headers=h), 400)["param"] == "context"
-    assert _err(httpx.put(ctx_live.url + "/admin/contexts/x", json={"context": text, "zap": 1}, headers=h), 400)["param"] == "zap"
-    assert _err(httpx.put(ctx_live.url + "/admin/contexts/x", json={}, headers=h), 400)["param"] == "context"
-    _err(httpx.put(ctx_live.url + "/admin/contexts/x", json={"context": text}, headers={"Authorization": f"Bearer {USER}"}), 403)
+    assert _err(http.put(ctx_live.url + "/admin/contexts/bad%20name", json={"context": text}, headers=h), 400)["param"] == "name"
+    assert _err(http.put(ctx_live.url + "/admin/contexts/x", json={"context": " "}, headers=h), 400)["param"] == "context"
+    assert _err(http.put(ctx_live.url + "/admin/contexts/x", json={"context": text, "zap": 1}, headers=h), 400)["param"] == "zap"
+    assert _err(http.put(ctx_live.url + "/admin/contexts/x", json={}, headers=h), 400)["param"] == "context"
+    _err(http.put(ctx_live.url + "/admin/contexts/x", json={"context": text}, headers={"Authorization": f"Bearer {USER}"}), 403)
     assert "x" not in ctx_live.server.registry.names()
 
 
@@ -221,7 +220,7 @@ def test_a_compressor_failure_is_its_requests_alone(ctx_live, base, compressor, 
 
 
 def test_openapi_documents_contexts(ctx_live):
-    doc = httpx.get(ctx_live.url + "/openapi.json").json()
+    doc = http.get(ctx_live.url + "/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):
         schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert "context" in schema["properties"] and "--compressor" in schema["properties"]["context"]["description"]

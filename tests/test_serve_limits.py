@@ -13,10 +13,9 @@ import threading
 import time
 from collections import Counter
 
-import httpx
 import pytest
 import yaml
-from serve_helpers import KEY_A, KEY_B, LiveServer, _err, _save, _wait, base_reference, reference
+from serve_helpers import KEY_A, KEY_B, LiveServer, _err, _save, _wait, base_reference, http, reference
 
 from softprompt.artifact import TENSORS
 from softprompt.generate import SamplingParams
@@ -54,17 +53,17 @@ X = {"role": "user", "content": "x"}
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])
 def test_bad_fields_are_400_naming_them(live, extra, param):
-    err = _err(httpx.post(live.url + "/v1/completions", headers=H_A, json={"model": "pt", "prompt": "x", **extra}), 400)
+    err = _err(http.post(live.url + "/v1/completions", headers=H_A, json={"model": "pt", "prompt": "x", **extra}), 400)
     assert err["param"] == param and param in err["message"], err
 
 
 def test_chat_fields_are_checked_too(live):
     url = live.url + "/v1/chat/completions"
-    assert _err(httpx.post(url, headers=H_A, json={"model": "pt", "messages": [X], "tool_choice": "required"}),
+    assert _err(http.post(url, headers=H_A, json={"model": "pt", "messages": [X], "tool_choice": "required"}),
                 400)["param"] == "tool_choice"
-    assert _err(httpx.post(url, headers=H_A, json={"model": "pt", "messages": [{**X, "tool_calls": [{"id": "1"}]}]}),
+    assert _err(http.post(url, headers=H_A, json={"model": "pt", "messages": [{**X, "tool_calls": [{"id": "1"}]}]}),
                 400)["param"] == "messages.0.tool_calls"
-    assert _err(httpx.post(url, headers=H_A, json={"model": "pt", "messages": [X], "seed": 2**64, "temperature": 1}),
+    assert _err(http.post(url, headers=H_A, json={"model": "pt", "messages": [X], "seed": 2**64, "temperature": 1}),
                 400)["param"] == "seed"
 
 
@@ -74,11 +73,11 @@ def test_neutral_values_of_unsupported_fields_are_accepted(live):
     body = {"model": "pt", "prompt": "x", "max_tokens": 3, "temperature": 0, "logit_bias": {}, "best_of": 1,
             "echo": False, "frequency_penalty": 0, "presence_penalty": 0.0, "tools": None, "user": "u-1",
             "seed": 2**63 - 1, "stop": "y" * 128}
-    r = httpx.post(live.url + "/v1/completions", headers=H_A, json=body, timeout=60)
+    r = http.post(live.url + "/v1/completions", headers=H_A, json=body, timeout=60)
     assert r.status_code == 200, r.text
     chat = {"model": "pt", "messages": [{**X, "tool_calls": None}], "max_tokens": 3, "temperature": 0,
             "response_format": {"type": "text"}, "parallel_tool_calls": False}
-    assert httpx.post(live.url + "/v1/chat/completions", headers=H_A, json=chat, timeout=60).status_code == 200
+    assert http.post(live.url + "/v1/chat/completions", headers=H_A, json=chat, timeout=60).status_code == 200
 
 
 def test_deep_nesting_is_400_not_500(live):
@@ -87,9 +86,9 @@ def test_deep_nesting_is_400_not_500(live):
     h = {**H_A, "Content-Type": "application/json"}
     for depth in (17, 1900):
         body = b'{"model": "pt", "prompt": "x", "fields": ' + b"[" * depth + b"]" * depth + b"}"
-        err = _err(httpx.post(live.url + "/v1/completions", headers=h, content=body), 400)
+        err = _err(http.post(live.url + "/v1/completions", headers=h, content=body), 400)
         assert err["code"] == "invalid_json" and "nested" in err["message"]
-    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    assert http.get(live.url + "/health").json()["status"] == "ok"
 
 
 def _collect(results: dict, key: str):
@@ -149,7 +148,7 @@ def test_bad_requests_beside_another_tenants_running_requests_leave_them_identic
         t.start()
     _wait(lambda: live.server.engine.rows or len(out) == 3)
     for extra in ({"seed": 2**64, "temperature": 1}, {"logit_bias": {"1": 1}}, {"stop": "z" * 1000}, {"n": 99}):
-        _err(httpx.post(live.url + "/v1/completions", headers=H_A, json={"model": "pt", "prompt": "x", **extra}), 400)
+        _err(http.post(live.url + "/v1/completions", headers=H_A, json={"model": "pt", "prompt": "x", **extra}), 400)
     for t in threads:
         t.join(120)
     assert out == [want] * 3
@@ -189,16 +188,16 @@ def test_a_heavy_tenant_gets_429_while_others_are_served(fair, base):
     h_heavy = {"Authorization": "Bearer sk-heavy"}
     heavy = {"model": "base", "prompt": "hello", "max_tokens": 200, "temperature": 0, "n": 4}
     box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(live.url + "/v1/completions", headers=h_heavy,
+    t = threading.Thread(target=lambda: box.setdefault("r", http.post(live.url + "/v1/completions", headers=h_heavy,
                                                                          json=heavy, timeout=300)))
     t.start()
     _wait(lambda: any(r.req.tenant == "heavy" for r in engine.rows))
     # Its share of the queue is full: 429 with Retry-After, at once.
-    r = httpx.post(live.url + "/v1/completions", headers=h_heavy, json={**heavy, "n": 2}, timeout=60)
+    r = http.post(live.url + "/v1/completions", headers=h_heavy, json={**heavy, "n": 2}, timeout=60)
     err = _err(r, 429)
     assert err["code"] == "tenant_queue_full" and int(r.headers["retry-after"]) >= 1
     # More choices than its share can ever hold: a 400, not a 429 that could never succeed.
-    assert _err(httpx.post(live.url + "/v1/completions", headers=h_heavy, json={**heavy, "n": 5}), 400)["param"] == "n"
+    assert _err(http.post(live.url + "/v1/completions", headers=h_heavy, json={**heavy, "n": 5}), 400)["param"] == "n"
     # The light tenant is served in the slot the heavy one may not take, while the heavy rows wait.
     c = live.client("sk-light")
     got = c.completions.create(model="pt", prompt="x", max_tokens=5, temperature=0).choices[0].text
@@ -214,13 +213,13 @@ def test_a_full_queue_is_429_with_retry_after(base, prompts_dir):
     server = Server(base, Registry(base, prompts_dir), Auth(), max_batch=1, max_queue=1, watch_interval=None)
     with LiveServer(server) as s:
         body = {"model": "base", "prompt": "hello", "max_tokens": 150, "temperature": 0}
-        running = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body, timeout=300))
+        running = threading.Thread(target=lambda: http.post(s.url + "/v1/completions", json=body, timeout=300))
         running.start()
         _wait(lambda: server.engine.rows)
-        waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body, timeout=300))
+        waiting = threading.Thread(target=lambda: http.post(s.url + "/v1/completions", json=body, timeout=300))
         waiting.start()
         _wait(lambda: server.engine.queue_length == 1)
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        r = http.post(s.url + "/v1/completions", json=body, timeout=60)
         assert _err(r, 429)["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
         for t in (running, waiting):
             t.join(300)
@@ -241,20 +240,20 @@ def test_a_request_that_waits_too_long_for_a_slot_gets_429(base, prompts_dir):
     with LiveServer(server) as s:
         body = {"model": "base", "prompt": "hello", "max_tokens": 200, "temperature": 0}
         box: dict = {}
-        running = threading.Thread(target=lambda: box.setdefault("r", httpx.post(s.url + "/v1/completions", json=body,
+        running = threading.Thread(target=lambda: box.setdefault("r", http.post(s.url + "/v1/completions", json=body,
                                                                                    timeout=300)))
         running.start()
         _wait(lambda: server.engine.rows)
-        r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=60)
+        r = http.post(s.url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=60)
         err = _err(r, 429)
         assert err["code"] == "queue_timeout" and int(r.headers["retry-after"]) >= 1 and "0.5 s" in err["message"]
-        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "base", "messages": [X], "max_tokens": 3,
+        r = http.post(s.url + "/v1/chat/completions", json={"model": "base", "messages": [X], "max_tokens": 3,
                                                              "stream": True}, timeout=60)
         assert _err(r, 429)["code"] == "queue_timeout"
         running.join(300)
         assert box["r"].status_code == 200 and box["r"].json()["choices"][0]["text"] == want
         assert server.engine.queue_length == 0
-        assert re.search(r"^softprompt_queue_timeouts_total [1-9]", httpx.get(s.url + "/metrics").text, re.M)
+        assert re.search(r"^softprompt_queue_timeouts_total [1-9]", http.get(s.url + "/metrics").text, re.M)
 
 
 def test_keys_file_caps_are_checked(tmp_path):
@@ -274,9 +273,9 @@ _SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\\n]|\\["\\n])*",?)*\})? -?[0-9
 
 def test_metrics_use_route_templates_and_escape_labels(live):
     for name in ("a", "b", 'q"uote', "new\\line"):
-        httpx.get(live.url + f"/v1/models/{name}", headers=H_A)
-    httpx.get(live.url + '/v1/made-up-"path', headers=H_A)
-    text = httpx.get(live.url + "/metrics").text
+        http.get(live.url + f"/v1/models/{name}", headers=H_A)
+    http.get(live.url + '/v1/made-up-"path', headers=H_A)
+    text = http.get(live.url + "/metrics").text
     endpoints = set(re.findall(r'softprompt_requests_total\{endpoint="((?:[^"\\]|\\.)*)"', text))
     assert "/v1/models/{name}" in endpoints and "other" in endpoints
     assert not any("uote" in e or "made-up" in e or e.startswith("/v1/models/") and e != "/v1/models/{name}"
@@ -286,7 +285,7 @@ def test_metrics_use_route_templates_and_escape_labels(live):
 
 
 def test_health_shows_no_local_path(live, tiny_dir):
-    text = httpx.get(live.url + "/health").text
+    text = http.get(live.url + "/health").text
     assert str(tiny_dir) not in text and str(tiny_dir.parent) not in text
     assert json.loads(text)["model"] == tiny_dir.name
 
@@ -296,13 +295,13 @@ def test_an_admin_key_with_a_prompts_list_administers_only_those(fair, base, tmp
     h = {"Authorization": "Bearer sk-scoped"}
     art = _save(base, tmp_path / "up", PromptTuning(2, 32), "[soft:2] {input}")
     body = {"meta": json.loads((art / "prompt.json").read_text()), "tensors": base64.b64encode((art / TENSORS).read_bytes()).decode()}
-    assert _err(httpx.put(live.url + "/admin/prompts/pt", headers=h, json=body, timeout=60), 403)["param"] == "name"
-    _err(httpx.delete(live.url + "/admin/prompts/pt", headers=h), 403)
+    assert _err(http.put(live.url + "/admin/prompts/pt", headers=h, json=body, timeout=60), 403)["param"] == "name"
+    _err(http.delete(live.url + "/admin/prompts/pt", headers=h), 403)
     assert (root / "pt" / "prompt.json").exists() and "pt" in live.server.registry.names()
-    assert httpx.put(live.url + "/admin/prompts/mine", headers=h, json=body, timeout=60).status_code == 200
-    listed = [p["name"] for p in httpx.get(live.url + "/admin/prompts", headers=h).json()["prompts"]]
+    assert http.put(live.url + "/admin/prompts/mine", headers=h, json=body, timeout=60).status_code == 200
+    listed = [p["name"] for p in http.get(live.url + "/admin/prompts", headers=h).json()["prompts"]]
     assert listed == ["mine"]
-    assert httpx.delete(live.url + "/admin/prompts/mine", headers=h).status_code == 200
+    assert http.delete(live.url + "/admin/prompts/mine", headers=h).status_code == 200
     assert not (root / "mine").exists()
 
 

@@ -9,12 +9,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from serve_helpers import KEY_A, KEY_ADMIN, _err, _save, _wait
+from serve_helpers import KEY_A, KEY_ADMIN, _err, _save, _wait, http
 
 from softprompt.artifact import TENSORS
 from softprompt.base_model import load_base
@@ -75,26 +74,26 @@ def test_broken_artifacts_are_refused_and_logged(live, base, prompts_dir, other_
 
 def test_admin_endpoint_adds_replaces_and_removes(live, base, prompts_dir, tmp_path):
     h = {"Authorization": f"Bearer {KEY_ADMIN}"}
-    _err(httpx.get(live.url + "/admin/prompts", headers={"Authorization": f"Bearer {KEY_A}"}), 403)
-    _err(httpx.get(live.url + "/admin/prompts"), 401)
+    _err(http.get(live.url + "/admin/prompts", headers={"Authorization": f"Bearer {KEY_A}"}), 403)
+    _err(http.get(live.url + "/admin/prompts"), 401)
     prompt = PromptTuning(3, 32, init=torch.randn(3, 32))
     art = _save(base, tmp_path / "up", prompt, "[soft:3] Answer: {input}")
     body = {"meta": json.loads((art / "prompt.json").read_text()),
             "tensors": base64.b64encode((art / TENSORS).read_bytes()).decode()}
-    r = httpx.put(live.url + "/admin/prompts/uploaded", headers=h, json=body, timeout=30)
+    r = http.put(live.url + "/admin/prompts/uploaded", headers=h, json=body, timeout=30)
     assert r.status_code == 200, r.text
     assert (prompts_dir / "uploaded" / "prompt.json").exists()
     got = live.client().completions.create(model="uploaded", prompt="hi", max_tokens=5, temperature=0).choices[0].text
     fmt = PromptFormat(base.tokenizer, parse_template("[soft:3] Answer: {input}"))
     assert got == generate(base, prompt, fmt, ["hi"], SamplingParams(5))[0]
     bad = dict(body, tensors=base64.b64encode(b"garbage").decode())
-    assert "refused" in _err(httpx.put(live.url + "/admin/prompts/uploaded", headers=h, json=bad), 400)["message"]
+    assert "refused" in _err(http.put(live.url + "/admin/prompts/uploaded", headers=h, json=bad), 400)["message"]
     assert live.client().completions.create(model="uploaded", prompt="hi", max_tokens=5, temperature=0).choices[0].text == got
-    _err(httpx.put(live.url + "/admin/prompts/base", headers=h, json=body), 400)
-    _err(httpx.put(live.url + "/admin/prompts/x", headers=h, json={"meta": 1, "tensors": "x"}), 400)
-    assert httpx.delete(live.url + "/admin/prompts/uploaded", headers=h).status_code == 200
+    _err(http.put(live.url + "/admin/prompts/base", headers=h, json=body), 400)
+    _err(http.put(live.url + "/admin/prompts/x", headers=h, json={"meta": 1, "tensors": "x"}), 400)
+    assert http.delete(live.url + "/admin/prompts/uploaded", headers=h).status_code == 200
     assert not (prompts_dir / "uploaded").exists()
-    _err(httpx.delete(live.url + "/admin/prompts/uploaded", headers=h), 404)
+    _err(http.delete(live.url + "/admin/prompts/uploaded", headers=h), 404)
     with pytest.raises(openai.NotFoundError):
         live.client().completions.create(model="uploaded", prompt="hi", max_tokens=2)
 
@@ -151,7 +150,7 @@ def test_hostile_artifacts_are_refused_with_the_reason(live, base, prompts_dir, 
             "h-truncated": "corrupt tensor file"}
     try:
         _wait(lambda: set(want) <= {e["name"] for e in live.server.registry.status()})
-        listed = {e["name"]: e for e in httpx.get(live.url + "/admin/prompts",
+        listed = {e["name"]: e for e in http.get(live.url + "/admin/prompts",
                                                    headers={"Authorization": f"Bearer {KEY_ADMIN}"}).json()["prompts"]}
         for name, reason in want.items():
             assert reason in (listed[name]["error"] or ""), (name, listed[name])

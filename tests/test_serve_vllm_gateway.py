@@ -9,7 +9,7 @@ import io
 import httpx
 import pytest
 import torch
-from serve_helpers import KEY_A, LiveServer, _err, _wait, reference
+from serve_helpers import KEY_A, LiveServer, _err, _wait, http, reference
 from vllm_helpers import FakeVLLM
 
 from softprompt.generate import SamplingParams
@@ -33,7 +33,7 @@ def gateway(tiny_dir, prompts_dir, keys_file, fakes):
 
 
 def _complete(url: str, model: str, text: str, **kw) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60,
+    return http.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60,
                       json={"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, **kw})
 
 
@@ -85,7 +85,7 @@ def test_prefix_tuning_refused_with_convert_hint(gateway):
 
 
 def test_keys_still_apply(gateway):
-    r = httpx.post(gateway.url + "/v1/completions", json={"model": "pt", "prompt": "x"}, timeout=10)
+    r = http.post(gateway.url + "/v1/completions", json={"model": "pt", "prompt": "x"}, timeout=10)
     assert r.status_code == 401
 
 
@@ -102,7 +102,7 @@ def test_dead_upstream_fails_over(gateway, fakes):
         assert engine.failovers > before and len(b.bodies) == 4 and a.bodies
         a.down = True  # now /health fails too: the health check marks it down, and the metrics show it
         _wait(lambda: not engine.upstreams[0].healthy)
-        metrics = httpx.get(gateway.url + "/metrics").text
+        metrics = http.get(gateway.url + "/metrics").text
         assert f'softprompt_upstream_up{{url="{a.url}"}} 0' in metrics
         assert "softprompt_upstream_failovers_total" in metrics
     finally:
@@ -124,7 +124,7 @@ def test_least_loaded_spreads_over_upstreams(gateway, fakes):
 def test_all_upstreams_down_is_a_clear_error(tiny_dir, prompts_dir):
     server = build_vllm_server(str(tiny_dir), prompts_dir, ["http://127.0.0.1:9"], health_interval=60)
     with LiveServer(server) as s:
-        err = _err(httpx.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 2}, timeout=30), 500)
+        err = _err(http.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 2}, timeout=30), 500)
         assert "no vLLM upstream could serve" in err["message"] or "unreachable" in err["message"]
 
 
@@ -139,11 +139,11 @@ def test_a_request_waiting_too_long_for_an_upstream_slot_gets_429(tiny_dir, prom
                                    limits=Limits(max_tokens=64, max_queue_wait=0.5))
         with LiveServer(server) as s:
             box: dict = {}
-            t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(
+            t = threading.Thread(target=lambda: box.setdefault("r", http.post(
                 s.url + "/v1/completions", json={"model": "pt", "prompt": "x", "max_tokens": 30, "temperature": 0}, timeout=120)))
             t.start()
             _wait(lambda: slow.bodies)
-            r = httpx.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "y", "max_tokens": 2}, timeout=60)
+            r = http.post(s.url + "/v1/completions", json={"model": "pt", "prompt": "y", "max_tokens": 2}, timeout=60)
             err = _err(r, 429)
             assert err["code"] == "queue_timeout" and int(r.headers["retry-after"]) >= 1
             t.join(120)

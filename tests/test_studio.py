@@ -10,9 +10,8 @@ import re
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
-from serve_helpers import LiveServer
+from serve_helpers import LiveServer, http
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "docs" / "studio"
@@ -68,7 +67,7 @@ def studio(base, studio_dir, tmp_path_factory):
 
 
 def _get(s, path, key=None):
-    return httpx.get(s.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+    return http.get(s.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
 
 
 # -- without a browser ---------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def test_studio_is_shipped_offline(studio):
     """Every asset comes from the package: no URL to another host in the page or its modules."""
     from softprompt.serve.studio import STATIC
 
-    r = httpx.get(studio.url + "/studio", follow_redirects=True, timeout=10)
+    r = http.get(studio.url + "/studio", follow_redirects=True, timeout=10)
     assert r.status_code == 200 and "<title>softprompt studio</title>" in r.text
     for f in sorted(STATIC.iterdir()):
         assert _get(studio, f"/studio/{f.name}").status_code == 200

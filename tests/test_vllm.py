@@ -11,10 +11,9 @@ import os
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from serve_helpers import LiveServer, _free_port
+from serve_helpers import LiveServer, _free_port, http
 
 from softprompt.artifact import build_meta, save_artifact
 from softprompt.compress import CompressConfig, Query, compress
@@ -114,7 +113,7 @@ def native(smollm2, real_prompts):
 
 
 def _post(url: str, path: str, body: dict) -> dict:
-    r = httpx.post(url + path, json=body, timeout=300)
+    r = http.post(url + path, json=body, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -214,7 +213,7 @@ def test_chat_stream_and_n_on_vllm(gateway, native):
 
 
 def test_prefix_tuning_refused(gateway):
-    r = httpx.post(gateway.url + "/v1/completions", json={"model": "prefix", "prompt": "x"}, timeout=30)
+    r = http.post(gateway.url + "/v1/completions", json={"model": "prefix", "prompt": "x"}, timeout=30)
     assert r.status_code == 400 and "softprompt convert prefix --to prompt-tuning" in r.json()["error"]["message"]
 
 
@@ -224,11 +223,11 @@ def _counter(text: str, name: str) -> float:
 
 def test_prefix_cache_hits(vllm_url, gateway, capsys):
     """Identical soft rows give identical embedding bytes, so vLLM's prefix cache hits across requests."""
-    m0 = httpx.get(vllm_url + "/metrics").text
+    m0 = http.get(vllm_url + "/metrics").text
     for i in range(6):
         _post(gateway.url, "/v1/completions", {"model": "critic", "prompt": f"review number {i}: fine", "max_tokens": 2,
                                                "temperature": 0})
-    m1 = httpx.get(vllm_url + "/metrics").text
+    m1 = http.get(vllm_url + "/metrics").text
     q = _counter(m1, "vllm:prefix_cache_queries_total") - _counter(m0, "vllm:prefix_cache_queries_total")
     h = _counter(m1, "vllm:prefix_cache_hits_total") - _counter(m0, "vllm:prefix_cache_hits_total")
     with capsys.disabled():
