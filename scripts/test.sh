@@ -10,4 +10,5 @@ if [ -z "${SOFTPROMPT_NO_VLLM:-}" ] && [ ! -x .venv-vllm/bin/python ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check --quiet . || { echo "ruff found problems (above): fix them, or see pyproject [tool.ruff]" >&2; exit 1; }
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests, so a slow CI run says where its time went.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
