@@ -3,6 +3,7 @@ and off, whole and chunked prefill) equal each prompt run alone through softprom
 sampling; a failing forward; prepacked weights; the queue limit; prefixes copied out of a prefill."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -239,3 +240,14 @@ def test_the_server_converts_and_packs_its_own_copy_of_the_base(tiny_dir, base, 
     ids = torch.tensor([base.tokenizer(TEXTS[3]).input_ids])
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert torch.isfinite(shared.model(input_ids=ids).logits).all()
+
+
+def test_a_second_start_runs_no_second_loop_and_stop_ends_the_thread(base):
+    """ASGI clients that run the app's lifespan start a started server again: there must still be one
+    engine loop, and stop() must end it (two loops once left one waiting forever)."""
+    engine = Engine(base, PrefixCache(), max_batch=2).start()
+    first = engine._thread
+    assert engine.start()._thread is first
+    assert [t.name for t in threading.enumerate()].count("softprompt-engine") == 1
+    engine.stop()
+    assert not first.is_alive()

@@ -24,7 +24,7 @@ def app(base, prompts_dir, keys_file):
     server = Server(base, Registry(base, prompts_dir), Auth.from_file(keys_file),
                     Limits(max_tokens=8, max_input_tokens=100, max_body_bytes=4096), max_batch=8, max_queue=64,
                     watch_interval=None)
-    server.start()  # the engine thread; the ASGI client does not run the lifespan
+    server.start()  # the engine thread; schemathesis' ASGI client may run the lifespan too (start is idempotent)
     try:
         yield create_app(server)
     finally:

@@ -219,7 +219,10 @@ class Engine:
         return len(self._waiting)
 
     def start(self) -> "Engine":
-        """Run the loop in a background thread."""
+        """Run the loop in a background thread; a no-op while that thread runs (two loops over the same
+        rows would race, and ASGI clients that run the app's lifespan call this a second time)."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
         self._thread = threading.Thread(target=self.run, name="softprompt-engine", daemon=True)
         self._thread.start()
         return self
@@ -227,7 +230,7 @@ class Engine:
     def stop(self) -> None:
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
