@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import openai
@@ -168,3 +169,22 @@ def test_hostile_artifacts_are_refused_with_the_reason(live, base, prompts_dir, 
         for name in made:
             p = prompts_dir / name
             p.unlink() if p.is_symlink() else shutil.rmtree(p)
+
+
+def test_a_second_watch_starts_no_second_watcher_and_close_ends_it(base, prompts_dir):
+    reg = Registry(base, prompts_dir)
+    watchers = lambda: [t for t in threading.enumerate() if t.name == "softprompt-registry-watch"]  # noqa: E731
+    before = len(watchers())
+    try:
+        reg.watch(0.05)
+        first = reg._thread
+        reg.watch(0.05)  # what a second Server.start (an ASGI client running the lifespan) does
+        assert reg._thread is first and len(watchers()) == before + 1
+    finally:
+        reg.close()
+    assert not first.is_alive() and len(watchers()) == before
+    reg.watch(0.05)  # watching again after close works
+    try:
+        assert reg._thread.is_alive()
+    finally:
+        reg.close()

@@ -253,7 +253,13 @@ class Registry:
 
     # -- watching ----------------------------------------------------------------------------------
     def watch(self, interval: float = 1.0) -> None:
-        """Poll the directory every ``interval`` seconds in a daemon thread."""
+        """Poll the directory every ``interval`` seconds in a daemon thread; a no-op while that thread
+        runs (a second ``Server.start``, as ASGI clients that run the app's lifespan make, would
+        otherwise start a second watcher scanning the same directory)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:
