@@ -21,7 +21,10 @@ import tasks  # noqa: E402
 
 from softprompt.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
-# name: (init, lr, training examples (0: the whole split), batch size[, objective (default lm)])
+# name: (init, lr, training examples (0: the whole split), batch size[, objective (default lm)[, template]])
+# A template's [soft:N] takes --tokens; the default is the recipe's soft template. The template
+# configurations are SST-2's (its field and its hand-written instruction).
+SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
 CONFIGS = {
     "vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8),
     "labels-lr0.03-n1000": ("labels", 0.03, 1000, 8),
@@ -33,6 +36,12 @@ CONFIGS = {
     "vocab-lr0.1-nall-b32": ("vocab", 0.1, 0, 32),
     "classify-vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8, "classify"),
     "classify-vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32, "classify"),
+    # the soft span before the hand-written instruction (a hybrid hard/soft template)
+    "hybrid-instruction": ("vocab", 0.03, 1000, 8, "lm", f"[soft:N] {SST2_INSTRUCTION}\nReview: {{sentence}}\nSentiment:"),
+    # the soft span after the review, where its positions can attend to the sentence
+    "soft-after-review": ("vocab", 0.03, 1000, 8, "lm", "Review: {sentence}\n[soft:N]\nSentiment:"),
+    # 10 before and 10 after the review
+    "split-10-10": ("vocab", 0.03, 1000, 8, "lm", "[soft:10] Review: {sentence}\n[soft:10]\nSentiment:"),
 }
 
 
@@ -43,16 +52,22 @@ def run(args) -> None:
         sys.exit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     for name in names:
         init, lr, n_train, batch, *rest = CONFIGS[name]
+        objective, template = rest[0] if rest else "lm", rest[1] if len(rest) > 1 else ""
         argv = ["--model", args.model, "--tasks", args.task, "--steps", str(args.steps), "--batch-size", str(batch),
                 "--seeds", str(args.seeds), "--methods", "ours",
                 "--eval-split", "dev", "--eval", str(args.eval), "--init", init, "--lr", str(lr),
-                "--train", str(n_train or 10**9), "--objective", rest[0] if rest else "lm",
+                "--train", str(n_train or 10**9), "--objective", objective, *(["--template", template] if template else []),
                 "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
                 "--data-dir", str(args.data_dir), "--out", str(args.out / name), "--resume", "--no-inner-progress",
                 "--budget", f"dev sweep, {args.steps} steps"]
         print(f"== {name}: python bench/tasks.py {' '.join(argv)}", flush=True)
         tasks.main(argv)
         render(args.out)
+
+
+def tmpl(t: str) -> str:
+    """A template as a Markdown table cell: code, newlines shown as ⏎."""
+    return t if t == "the recipe's" else "`" + t.replace("\n", "⏎").replace("|", "\\|") + "`"
 
 
 def render(out: Path) -> None:
@@ -66,7 +81,8 @@ def render(out: Path) -> None:
         lo, hi = tasks.t_interval(vals) if len(vals) > 1 else (vals[0], vals[0])
         st = doc["setup"]
         rows.append({"config": d.name, "init": st["init"], "lr": st["lr"],
-                     "objective": st.get("objective", "lm"), "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
+                     "objective": st.get("objective", "lm"), "template": st.get("template", "the recipe's"),
+                     "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
                      "steps": st["steps"], "tokens": st["tokens"], "precision": st["precision"], "n_dev": ours[0]["n_eval"],
                      "seeds": [r["seed"] for r in ours], "scores": vals, "mean": statistics.mean(vals), "ci": [lo, hi],
                      "hardware": doc["hardware"]})
@@ -79,11 +95,12 @@ def render(out: Path) -> None:
              f"Each configuration is a bench/tasks.py run scored on {rows[0]['n_dev']} dev examples (the test split is not read). "
              "Mean over seeds [95% t-interval over seeds]; per-seed scores beside it.",
              "", tasks.hardware_line(rows[0]["hardware"]), "",
-             "| configuration | init | lr | objective | batch | training pool | dev mean [95% CI] | per seed |", "|---|---|---|---|---|---|---|---|"]
+             "| configuration | init | lr | objective | batch | training pool | template | dev mean [95% CI] | per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""
         lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['objective']} | {r['batch_size']} | {r['train_examples']} "
-                     f"| {r['mean']:.3f} "
+                     f"| {tmpl(r['template'])} | {r['mean']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {', '.join(f'{v:.3f}' for v in r['scores'])} |")
     lines += ["", f"Chosen for the test run: **{best['config']}** (highest dev mean)."]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")

@@ -32,13 +32,16 @@ import peers  # noqa: E402
 from softprompt.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from softprompt.base_model import load_base  # noqa: E402
 from softprompt.data import load_recipe, load_split  # noqa: E402
+from softprompt.data.recipes import LENGTH_PLACEHOLDER  # noqa: E402
 from softprompt.encoding import PromptFormat  # noqa: E402
+from softprompt.errors import SoftPromptError  # noqa: E402
 from softprompt.evaluate import few_shot_contender, hard_contender  # noqa: E402
 from softprompt.generate import SamplingParams, generate  # noqa: E402
 from softprompt.hardware import hardware_line, hardware_report  # noqa: E402
 from softprompt.scoring import classify, label_logprobs  # noqa: E402
 from softprompt.task_metrics import bootstrap_ci, metric_fn  # noqa: E402
 from softprompt.template import parse_template  # noqa: E402
+from softprompt.template.syntax import fill_length  # noqa: E402
 from softprompt.train import TrainConfig, Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +95,13 @@ def base_checksum(base) -> float:
         return float(base.model(input_ids=ids).logits.double().sum())
 
 
+def soft_template(args, recipe) -> str:
+    """Our rows' template: ``--template`` (its ``[soft:N]`` spans take ``--tokens``) or the recipe's."""
+    return fill_length(args.template, LENGTH_PLACEHOLDER, args.tokens) if args.template else recipe.soft_template_for(args.tokens)
+
+
 def train_config(args, recipe, seed: int) -> TrainConfig:
-    return TrainConfig(model=args.model, kind="prompt-tuning", template=recipe.soft_template_for(args.tokens), tokens=args.tokens,
+    return TrainConfig(model=args.model, kind="prompt-tuning", template=soft_template(args, recipe), tokens=args.tokens,
                        init=args.init, chat=recipe.chat, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup=args.warmup, schedule="linear", max_grad_norm=1.0, seed=seed, precision=args.precision, device="cpu",
                        objective=args.objective if recipe.labels else "lm")
@@ -105,7 +113,7 @@ def task_data(task: str, args, base) -> tuple:
     keeping only examples whose soft-template encoding fits ``args.max_tokens`` (when set)."""
     recipe = load_recipe(task)
     n_eval = args.eval if recipe.is_classification else args.eval_gen
-    fmt = PromptFormat(base.tokenizer, parse_template(recipe.soft_template_for(args.tokens)), chat=recipe.chat)
+    fmt = PromptFormat(base.tokenizer, parse_template(soft_template(args, recipe)), chat=recipe.chat)
 
     def sample(split: str, n: int) -> list:
         pool = load_split(recipe, args.data_dir, split, limit=n if not args.max_tokens else 4 * n, seed=0)
@@ -516,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                     help="every method's: ours trains in it, PEFT and LoRA run under its autocast, scoring too")
     ap.add_argument("--init", default="vocab")
+    ap.add_argument("--template", default="",
+                    help="our rows' soft template instead of the recipe's (one task; [soft:N] takes --tokens), "
+                         "e.g. a hybrid of soft spans and the hand-written instruction")
     ap.add_argument("--objective", choices=["lm", "classify"], default="lm",
                     help="our rows' training objective on classification tasks (generation tasks always use lm)")
     ap.add_argument("--train", type=int, default=1000, help="training examples per task (a fixed sample)")
@@ -558,12 +569,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    if args.template:
+        if len(tasks) != 1:
+            ap.error(f"--template: applies to one task, got --tasks {','.join(tasks)}")
+        recipe = load_recipe(tasks[0])
+        try:
+            fields = parse_template(soft_template(args, recipe)).fields
+        except SoftPromptError as e:
+            ap.error(f"--template: {e}")
+        if set(fields) != set(recipe.fields):
+            ap.error(f"--template: uses fields {sorted(fields)}, recipe {tasks[0]} has {sorted(recipe.fields)}")
     path = args.out / "tasks.json"
     hw = hardware_report()
     print(hardware_line(hw), flush=True)
     setup = {"model": "SmolLM2-135M-Instruct (embedded)" if args.model == "smollm2" else args.model, "tasks": tasks,
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_lr": args.lora_lr, "warmup": args.warmup,
              "tokens": args.tokens, "precision": args.precision, "init": args.init, "objective": args.objective,
+             "template": fill_length(args.template, LENGTH_PLACEHOLDER, args.tokens) if args.template else "the recipe's",
              "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen, "eval_split": args.eval_split,
              "seeds": args.seeds, "methods": args.methods, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,
              "quick": args.quick, "budget": args.budget or "not stated",

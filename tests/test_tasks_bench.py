@@ -223,7 +223,10 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
     read = []
     real = tasks.load_split
     monkeypatch.setattr(tasks, "load_split", lambda recipe, data_dir, split, **kw: read.append(split) or real(recipe, data_dir, split, **kw))
-    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall"
+    trained = []
+    real_cfg = tasks.train_config
+    monkeypatch.setattr(tasks, "train_config", lambda *a: trained.append(real_cfg(*a).template) or real_cfg(*a))
+    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall,soft-after-review"
     assert dev_sweep.main(["--model", str(long_tiny), "--steps", "2", "--seeds", "2", "--eval", "8", "--configs", configs,
                            "--data-dir", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
     assert "test" not in read and set(read) == {"train", "dev"}
@@ -236,3 +239,16 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
     for r in doc["rows"]:
         assert len(r["scores"]) == 2 and r["n_dev"] == 8 and r["mean"] == pytest.approx(sum(r["scores"]) / 2)
     assert f"**{doc['best']}**" in (tmp_path / "sweep.md").read_text()
+    after = "Review: {sentence}\n[soft:20]\nSentiment:"  # the configuration's template, its span given --tokens
+    assert by["soft-after-review"]["template"] == after and after in trained
+    assert by["vocab-lr0.03-n1000"]["template"] == "the recipe's" and "[soft:20] Review: {sentence}\nSentiment:" in trained
+
+
+def test_a_template_that_does_not_fit_the_task_is_refused_before_any_work(capsys, tmp_path):
+    for argv, msg in ((["--tasks", "sst2", "--template", "[soft:N] {text}"], "uses fields ['text'], recipe sst2 has ['sentence']"),
+                      (["--tasks", "sst2,trec", "--template", "[soft:N] {sentence}"], "applies to one task"),
+                      (["--tasks", "sst2", "--template", "[soft:0] {sentence}"], "soft span length")):
+        with pytest.raises(SystemExit) as e:
+            tasks.main([*argv, "--out", str(tmp_path)])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "tasks.json").exists()
