@@ -21,9 +21,10 @@ import tasks  # noqa: E402
 
 from softprompt.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
-# name: (init, lr, training examples (0: the whole split), batch size[, objective (default lm)[, template]])
-# A template's [soft:N] takes --tokens; the default is the recipe's soft template. The template
-# configurations are SST-2's (its field and its hand-written instruction).
+# name: (init, lr, training examples (0: the whole split), batch size[, {"objective": lm | classify,
+# "template": T, "kind": K}]). A template's [soft:N] takes --tokens; the default is the recipe's soft
+# template; the kind's default is prompt tuning. The template configurations are SST-2's (its field
+# and its hand-written instruction).
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
 CONFIGS = {
     "vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8),
@@ -34,14 +35,16 @@ CONFIGS = {
     "text-lr0.03-n1000": ("text:Is the sentiment of this movie review positive or negative?", 0.03, 1000, 8),
     "vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32),
     "vocab-lr0.1-nall-b32": ("vocab", 0.1, 0, 32),
-    "classify-vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8, "classify"),
-    "classify-vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32, "classify"),
+    "classify-vocab-lr0.03-n1000": ("vocab", 0.03, 1000, 8, {"objective": "classify"}),
+    "classify-vocab-lr0.03-nall-b32": ("vocab", 0.03, 0, 32, {"objective": "classify"}),
     # the soft span before the hand-written instruction (a hybrid hard/soft template)
-    "hybrid-instruction": ("vocab", 0.03, 1000, 8, "lm", f"[soft:N] {SST2_INSTRUCTION}\nReview: {{sentence}}\nSentiment:"),
+    "hybrid-instruction": ("vocab", 0.03, 1000, 8, {"template": f"[soft:N] {SST2_INSTRUCTION}\nReview: {{sentence}}\nSentiment:"}),
     # the soft span after the review, where its positions can attend to the sentence
-    "soft-after-review": ("vocab", 0.03, 1000, 8, "lm", "Review: {sentence}\n[soft:N]\nSentiment:"),
+    "soft-after-review": ("vocab", 0.03, 1000, 8, {"template": "Review: {sentence}\n[soft:N]\nSentiment:"}),
     # 10 before and 10 after the review
-    "split-10-10": ("vocab", 0.03, 1000, 8, "lm", "[soft:10] Review: {sentence}\n[soft:10]\nSentiment:"),
+    "split-10-10": ("vocab", 0.03, 1000, 8, {"template": "[soft:10] Review: {sentence}\n[soft:10]\nSentiment:"}),
+    # 20 prefix positions: per-layer keys and values (the learning rate of bench/kinds_sst2.py)
+    "prefix-lr0.01": ("vocab", 0.01, 1000, 8, {"kind": "prefix"}),
 }
 
 
@@ -52,11 +55,12 @@ def run(args) -> None:
         sys.exit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     for name in names:
         init, lr, n_train, batch, *rest = CONFIGS[name]
-        objective, template = rest[0] if rest else "lm", rest[1] if len(rest) > 1 else ""
+        extra = {"objective": "lm", "template": "", "kind": "prompt-tuning", **(rest[0] if rest else {})}
         argv = ["--model", args.model, "--tasks", args.task, "--steps", str(args.steps), "--batch-size", str(batch),
                 "--seeds", str(args.seeds), "--methods", "ours",
                 "--eval-split", "dev", "--eval", str(args.eval), "--init", init, "--lr", str(lr),
-                "--train", str(n_train or 10**9), "--objective", objective, *(["--template", template] if template else []),
+                "--train", str(n_train or 10**9), "--objective", extra["objective"], "--kind", extra["kind"],
+                *(["--template", extra["template"]] if extra["template"] else []),
                 "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
                 "--data-dir", str(args.data_dir), "--out", str(args.out / name), "--resume", "--no-inner-progress",
                 "--budget", f"dev sweep, {args.steps} steps"]
@@ -82,6 +86,7 @@ def render(out: Path) -> None:
         st = doc["setup"]
         rows.append({"config": d.name, "init": st["init"], "lr": st["lr"],
                      "objective": st.get("objective", "lm"), "template": st.get("template", "the recipe's"),
+                     "kind": st.get("kind", "prompt-tuning"),
                      "batch_size": st["batch_size"], "train_examples": ours[0]["n_train"],
                      "steps": st["steps"], "tokens": st["tokens"], "precision": st["precision"], "n_dev": ours[0]["n_eval"],
                      "seeds": [r["seed"] for r in ours], "scores": vals, "mean": statistics.mean(vals), "ci": [lo, hi],
@@ -95,11 +100,12 @@ def render(out: Path) -> None:
              f"Each configuration is a bench/tasks.py run scored on {rows[0]['n_dev']} dev examples (the test split is not read). "
              "Mean over seeds [95% t-interval over seeds]; per-seed scores beside it.",
              "", tasks.hardware_line(rows[0]["hardware"]), "",
-             "| configuration | init | lr | objective | batch | training pool | template | dev mean [95% CI] | per seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| configuration | kind | init | lr | objective | batch | training pool | template | dev mean [95% CI] | per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['config']}{mark} | `{r['init']}` | {r['lr']} | {r['objective']} | {r['batch_size']} | {r['train_examples']} "
+        lines.append(f"| {r['config']}{mark} | {r['kind']} | `{r['init']}` | {r['lr']} | {r['objective']} | {r['batch_size']} "
+                     f"| {r['train_examples']} "
                      f"| {tmpl(r['template'])} | {r['mean']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {', '.join(f'{v:.3f}' for v in r['scores'])} |")
     lines += ["", f"Chosen for the test run: **{best['config']}** (highest dev mean)."]

@@ -101,7 +101,7 @@ def soft_template(args, recipe) -> str:
 
 
 def train_config(args, recipe, seed: int) -> TrainConfig:
-    return TrainConfig(model=args.model, kind="prompt-tuning", template=soft_template(args, recipe), tokens=args.tokens,
+    return TrainConfig(model=args.model, kind=args.kind, template=soft_template(args, recipe), tokens=args.tokens,
                        init=args.init, chat=recipe.chat, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup=args.warmup, schedule="linear", max_grad_norm=1.0, seed=seed, precision=args.precision, device="cpu",
                        objective=args.objective if recipe.labels else "lm")
@@ -151,7 +151,8 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
     cfg = train_config(args, recipe, seed)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, train, None, Path(tmp) / "prompt", base=base, progress=args.inner_progress)
-        init = trainer.prompt.embeddings.detach().clone()
+        start = trainer.prompt.embeddings if args.kind == "prompt-tuning" else next(trainer.prompt.parameters())
+        init = start.detach().clone()  # PEFT's prompt tuning starts from it
         if not save.has(task, "ours", seed):  # on resume the peers need only the init and the batches
             t0 = time.perf_counter()
             res = trainer.run()
@@ -524,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                     help="every method's: ours trains in it, PEFT and LoRA run under its autocast, scoring too")
     ap.add_argument("--init", default="vocab")
+    ap.add_argument("--kind", default="prompt-tuning", choices=["prompt-tuning", "prefix", "p-tuning"],
+                    help="our rows' kind (PEFT's prompt-tuning row needs prompt-tuning: it starts from our vectors)")
     ap.add_argument("--template", default="",
                     help="our rows' soft template instead of the recipe's (one task; [soft:N] takes --tokens), "
                          "e.g. a hybrid of soft spans and the hand-written instruction")
@@ -569,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    if args.kind != "prompt-tuning" and "peft-prompt-tuning" in args.methods:
+        ap.error(f"--methods peft-prompt-tuning starts from our prompt-tuning vectors: not with --kind {args.kind}")
     if args.template:
         if len(tasks) != 1:
             ap.error(f"--template: applies to one task, got --tasks {','.join(tasks)}")
@@ -584,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hardware_line(hw), flush=True)
     setup = {"model": "SmolLM2-135M-Instruct (embedded)" if args.model == "smollm2" else args.model, "tasks": tasks,
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_lr": args.lora_lr, "warmup": args.warmup,
-             "tokens": args.tokens, "precision": args.precision, "init": args.init, "objective": args.objective,
+             "tokens": args.tokens, "precision": args.precision, "init": args.init, "objective": args.objective, "kind": args.kind,
              "template": fill_length(args.template, LENGTH_PLACEHOLDER, args.tokens) if args.template else "the recipe's",
              "train_examples": args.train, "eval": args.eval, "eval_gen": args.eval_gen, "eval_split": args.eval_split,
              "seeds": args.seeds, "methods": args.methods, "fewshot_seeds": args.fewshot_seeds, "max_tokens": args.max_tokens,

@@ -225,8 +225,8 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
     monkeypatch.setattr(tasks, "load_split", lambda recipe, data_dir, split, **kw: read.append(split) or real(recipe, data_dir, split, **kw))
     trained = []
     real_cfg = tasks.train_config
-    monkeypatch.setattr(tasks, "train_config", lambda *a: trained.append(real_cfg(*a).template) or real_cfg(*a))
-    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall,soft-after-review"
+    monkeypatch.setattr(tasks, "train_config", lambda *a: trained.append((real_cfg(*a).kind, real_cfg(*a).template)) or real_cfg(*a))
+    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall,soft-after-review,prefix-lr0.01"
     assert dev_sweep.main(["--model", str(long_tiny), "--steps", "2", "--seeds", "2", "--eval", "8", "--configs", configs,
                            "--data-dir", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
     assert "test" not in read and set(read) == {"train", "dev"}
@@ -240,14 +240,18 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
         assert len(r["scores"]) == 2 and r["n_dev"] == 8 and r["mean"] == pytest.approx(sum(r["scores"]) / 2)
     assert f"**{doc['best']}**" in (tmp_path / "sweep.md").read_text()
     after = "Review: {sentence}\n[soft:20]\nSentiment:"  # the configuration's template, its span given --tokens
-    assert by["soft-after-review"]["template"] == after and after in trained
-    assert by["vocab-lr0.03-n1000"]["template"] == "the recipe's" and "[soft:20] Review: {sentence}\nSentiment:" in trained
+    recipe_template = "[soft:20] Review: {sentence}\nSentiment:"
+    assert by["soft-after-review"]["template"] == after and ("prompt-tuning", after) in trained
+    assert by["vocab-lr0.03-n1000"]["template"] == "the recipe's" and ("prompt-tuning", recipe_template) in trained
+    assert by["prefix-lr0.01"]["kind"] == "prefix" and ("prefix", recipe_template) in trained
+    assert by["prefix-lr0.01"]["lr"] == 0.01 and len(by["prefix-lr0.01"]["scores"]) == 2
 
 
 def test_a_template_that_does_not_fit_the_task_is_refused_before_any_work(capsys, tmp_path):
     for argv, msg in ((["--tasks", "sst2", "--template", "[soft:N] {text}"], "uses fields ['text'], recipe sst2 has ['sentence']"),
                       (["--tasks", "sst2,trec", "--template", "[soft:N] {sentence}"], "applies to one task"),
-                      (["--tasks", "sst2", "--template", "[soft:0] {sentence}"], "soft span length")):
+                      (["--tasks", "sst2", "--template", "[soft:0] {sentence}"], "soft span length"),
+                      (["--tasks", "sst2", "--kind", "prefix", "--methods", "peft-prompt-tuning"], "not with --kind prefix")):
         with pytest.raises(SystemExit) as e:
             tasks.main([*argv, "--out", str(tmp_path)])
         assert e.value.code == 2 and msg in capsys.readouterr().err
