@@ -23,6 +23,13 @@ def _packed(model) -> bool:
     return any(isinstance(m, FrozenLinear) for m in model.modules())
 
 
+BF16_PACKS = packing_available(torch.device("cpu"), torch.bfloat16)  # False on AVX2-only CPUs (oneDNN refuses)
+
+
+def _linear_dtypes(model) -> set:
+    return {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear}
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 24), (5, 24), (2, 9, 24), (1, 40, 24)])
 def test_frozen_linear_matches_linear_forward_and_input_gradient(shape):
     torch.manual_seed(0)
@@ -62,7 +69,9 @@ def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir
         cfg = TrainConfig(model=str(tiny_dir), kind=kind, tokens=4, steps=6, batch_size=4, lr=0.05, init="random", seed=0,
                           device="cpu", precision=precision, pack_weights=pack)
         t = Trainer(cfg, data, data[:4], tmp_path / f"{kind}-{precision}-{pack}", base=tiny, progress=False)
-        assert _packed(t.model) == pack
+        assert _packed(t.model) == (pack and (precision == "fp32" or BF16_PACKS))
+        if pack and precision == "bf16" and not BF16_PACKS:  # the cast copy instead
+            assert _linear_dtypes(t.model) == {torch.bfloat16}
         res = t.run()
         runs[pack] = (res, [h["loss"] for h in t.history if "loss" in h])
     (plain, plain_losses), (fast, fast_losses) = runs[False], runs[True]
@@ -76,10 +85,45 @@ def test_training_on_the_fast_copy_follows_the_base_step_for_step(tiny, tiny_dir
 
 def test_the_default_packs_in_bf16_only(tiny, tiny_dir, sentiment_files, tmp_path):
     data = read_examples(sentiment_files[0])
-    for precision, packed in (("fp32", False), ("bf16", True)):
+    for precision, packed in (("fp32", False), ("bf16", BF16_PACKS)):
         cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=1, batch_size=4, init="random", device="cpu", precision=precision)
         t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)
         assert _packed(t.model) == packed, precision
+        if not packed:  # fp32: the base itself; bf16 where oneDNN cannot pack it: the cast copy
+            assert _linear_dtypes(t.model) == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+
+
+def test_where_oneDNN_cannot_pack_bf16_a_bf16_run_trains_on_the_cast_copy(tiny, tiny_dir, sentiment_files, tmp_path, monkeypatch):
+    """AVX2-only CPUs: oneDNN refuses bf16 prepacking (it needs AVX-512 or AVX-NE-CONVERT), so a bf16
+    run trains on the copy with linear weights cast once, and fp32 packing is unaffected."""
+    import softprompt.frozen as frozen
+
+    monkeypatch.setattr(frozen, "packing_available", lambda device, dtype=torch.float32: dtype == torch.float32)
+    data = read_examples(sentiment_files[0])
+    for precision, pack in (("bf16", None), ("fp32", True)):
+        cfg = TrainConfig(model=str(tiny_dir), tokens=4, steps=2, batch_size=4, init="random", device="cpu", precision=precision,
+                          pack_weights=pack)
+        t = Trainer(cfg, data, None, tmp_path / precision, base=tiny, progress=False)
+        assert _packed(t.model) == (precision == "fp32"), precision
+        if precision == "bf16":
+            assert t.model is not tiny.model and _linear_dtypes(t.model) == {torch.bfloat16}
+            t.run()
+            assert [h["loss"] for h in t.history if "loss" in h]
+    assert _linear_dtypes(tiny.model) == {torch.float32}
+
+
+def test_bf16_packing_is_offered_only_where_it_runs():
+    if BF16_PACKS:
+        w, x = torch.randn(16, 8), torch.randn(3, 8)
+        from softprompt.onednn import pack, packed_mm
+
+        got = packed_mm(x.bfloat16(), pack(w.bfloat16()), None).float()
+        torch.testing.assert_close(got, x.bfloat16().float() @ w.bfloat16().float().t(), rtol=2e-2, atol=2e-2)
+    else:  # the op really refuses here; the probe must have said so, not crashed
+        from softprompt.onednn import pack
+
+        with pytest.raises(RuntimeError):
+            pack(torch.randn(16, 8).bfloat16())
 
 
 def test_cast_copy_shares_all_but_the_linear_weights_and_gives_autocast_bit_for_bit(tiny):

@@ -135,10 +135,10 @@ def fast_frozen_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """A copy of ``model`` for prompt training whose linear layers are :class:`FrozenLinear` with
     weights in ``dtype`` (their products then run in ``dtype``, as under autocast, without casting the
     weights at every call); the other layers (embeddings, norms) keep their dtype, so the numerics
-    are the autocast path's. None where oneDNN prepacking is unavailable (not on CPU, or this torch
-    build lacks it): training then runs on the model as it is."""
+    are the autocast path's. None where oneDNN cannot prepack ``dtype`` (not on CPU, a torch build
+    without it, or bf16 on a CPU without AVX-512)."""
     device = next(model.parameters()).device
-    if not packing_available(device):
+    if not packing_available(device, dtype):
         return None
     fast = copy.deepcopy(model)
     fast.requires_grad_(False)
@@ -179,10 +179,11 @@ def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = Non
                    compile: bool = False) -> nn.Module:
     """The model a prompt trains on: on CPU, when ``pack_weights`` (None: in bf16 only, where it is
     faster; in fp32 it bought no speed for 1.3 GB more, bench/results/prompt_tuning_vs_peft.md), a
-    frozen copy with prepacked weights in the run's precision, or, for a compiled run, a copy whose
-    linear weights are cast once to bf16 (:func:`cast_frozen_copy`; fp32 compiled runs train on
-    ``model``); else ``model`` itself. Each runs the attention kernel :func:`training_attention` picks
-    (a copy sharing the weights where that differs from the model's own). ``model`` is never modified.
+    frozen copy with prepacked weights in the run's precision, or, for a compiled bf16 run (or a CPU
+    whose oneDNN cannot prepack bf16: AVX2-only), a copy whose linear weights are cast once to bf16
+    (:func:`cast_frozen_copy`; fp32 compiled runs train on ``model``); else ``model`` itself. Each
+    runs the attention kernel :func:`training_attention` picks (a copy sharing the weights where that
+    differs from the model's own). ``model`` is never modified.
     Each call makes its own copy: callers that run many jobs on one base share theirs (the amortized
     compressor gives every context's job the same one)."""
     device = next(model.parameters()).device
@@ -192,7 +193,7 @@ def training_model(model: nn.Module, bf16: bool, pack_weights: bool | None = Non
     if pack and device.type == "cpu":
         if not compile:
             fast = fast_frozen_copy(model, torch.bfloat16 if bf16 else torch.float32)
-        elif bf16:
+        if fast is None and bf16:  # compiled, or a CPU that cannot prepack bf16: cast once, not at every step
             fast = cast_frozen_copy(model, torch.bfloat16)
     if fast is not None:  # already a copy of its own: switch its kernel in place
         if impl is not None and fast.config._attn_implementation != impl:

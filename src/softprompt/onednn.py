@@ -9,6 +9,8 @@ twenty per weight; the padded rows are zeros and are cut off again, so no output
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -36,13 +38,22 @@ def packed_mm(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")[:rows]
 
 
-def packing_available(device: torch.device) -> bool:
-    """Whether this torch can prepack linear weights on ``device`` (CPU with oneDNN only)."""
+def packing_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch can prepack ``dtype`` linear weights on ``device`` (CPU with oneDNN only;
+    bf16 also needs a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: oneDNN refuses it on AVX2-only ones)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    return _probe(dtype)
+
+
+@functools.cache
+def _probe(dtype: torch.dtype) -> bool:
     try:
         w = torch.randn(4, 8)
         x = torch.randn(3, 8)
-        return torch.allclose(packed_mm(x, pack(w), None), x @ w.t(), rtol=1e-4, atol=1e-5)
-    except (RuntimeError, AttributeError):  # an op missing from this build
+        got = packed_mm(x.to(dtype), pack(w.to(dtype)), None).float()
+        want = x.to(dtype).float() @ w.to(dtype).float().t()
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        return torch.allclose(got, want, rtol=tol, atol=tol)
+    except (RuntimeError, AttributeError):  # an op missing from this build, or a dtype this CPU cannot pack
         return False

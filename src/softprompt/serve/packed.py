@@ -48,13 +48,14 @@ def pack_linears(model: nn.Module) -> int:
     :class:`PackedLinear`, in place; returns how many were replaced (0 where packing is unavailable).
     A tied output layer gets its own packed copy; the input embedding is left as it is."""
     device = next(model.parameters()).device
-    if not packing_available(device):
+    ok = {dt: packing_available(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    if not any(ok.values()):
         log.info("linear weights not packed: oneDNN prepacking is not available on %s", device)
         return 0
     n = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+            if type(child) is nn.Linear and ok.get(child.weight.dtype, False):
                 setattr(module, name, PackedLinear(child))
                 n += 1
     return n
