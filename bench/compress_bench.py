@@ -77,7 +77,7 @@ def heldout_for(ctx: dict, n: int, seed: int):
 
 
 def run_one(base, ctx: dict, train, held, label: str, kind: str, tokens: int, positions: str, args, cache: Path,
-            out: Path, extra: dict, objective: str = "forward_kl") -> dict:
+            out: Path, extra: dict, objective: str = "forward_kl", ss_held=()) -> dict:
     from softprompt.compress import CompressConfig, Compressor
 
     cfg = CompressConfig(tokens=tokens, kind=kind, positions=positions, steps=args.steps, eval_every=args.eval_every,
@@ -98,11 +98,16 @@ def run_one(base, ctx: dict, train, held, label: str, kind: str, tokens: int, po
            "kv_full": r["cost"]["full"]["kv_bytes"], "kv_soft": r["cost"]["soft"]["kv_bytes"],
            "llmlingua_tokens": len(base.tokenizer(r["llmlingua_text"], add_special_tokens=False).input_ids)
            if r.get("llmlingua_text") else None, **extra}
-    for v, f in r["fidelity"].items():
-        for m in ("kl_per_token", "top1_agreement", "rouge_l", "exact_match", "answer_f1", "kl_gap_closed",
-                  "teacher_confident_share", "top1_when_confident", "top1_when_unsure"):
-            if m in f:
-                row[f"{v}_{m}"] = f[m]
+    fids = {"": r["fidelity"]}
+    if ss_held:  # the same student scored on held-out queries of the training distribution (self-study, another seed)
+        fids["ss_"] = job.evaluate(job.teacher_entries("heldout", list(ss_held))[0])["fidelity"]
+        row["n_ss_heldout"] = len(ss_held)
+    for pre, fid in fids.items():
+        for v, f in fid.items():
+            for m in ("kl_per_token", "top1_agreement", "rouge_l", "exact_match", "answer_f1", "kl_gap_closed",
+                      "teacher_confident_share", "top1_when_confident", "top1_when_unsure"):
+                if m in f:
+                    row[f"{pre}{v}_{m}"] = f[m]
     row["example"] = r["examples"][:1]
     return row
 
@@ -118,7 +123,11 @@ COLS = [("context", "context", "{}"), ("ctx tok", "context_tokens", "{}"), ("run
         ("top1 soft, teacher p>=0.5", "soft_top1_when_confident", "{:.3f}"), ("top1 soft, p<0.5", "soft_top1_when_unsure", "{:.3f}"),
         ("share p>=0.5", "soft_teacher_confident_share", "{:.0%}"),
         ("RL soft", "soft_rouge_l", "{:.3f}"), ("RL trunc", "truncated_rouge_l", "{:.3f}"), ("RL lingua", "llmlingua_rouge_l", "{:.3f}"),
-        ("F1 soft", "soft_answer_f1", "{:.3f}"), ("lingua tok", "llmlingua_tokens", "{}"), ("train s", "train_s", "{:.0f}")]
+        ("F1 soft", "soft_answer_f1", "{:.3f}"), ("lingua tok", "llmlingua_tokens", "{}"), ("train s", "train_s", "{:.0f}"),
+        ("self-study held-out: KL soft", "ss_soft_kl_per_token", "{:.3f}"), ("gap soft", "ss_soft_kl_gap_closed", "{:.0%}"),
+        ("top1 soft", "ss_soft_top1_agreement", "{:.3f}"), ("top1 trunc", "ss_truncated_top1_agreement", "{:.3f}"),
+        ("top1 none", "ss_none_top1_agreement", "{:.3f}"), ("share p>=0.5", "ss_soft_teacher_confident_share", "{:.0%}"),
+        ("RL soft", "ss_soft_rouge_l", "{:.3f}")]
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
@@ -150,6 +159,13 @@ def findings(rows: list[dict], prep: dict) -> list[str]:
             out.append(f"{name}: self-study generation {p['generate_s']:.0f} s for {p['n_train']} training queries; "
                        f"teacher {teacher_s:.0f} s (first run); best run trained {best['train_s']:.0f} s; "
                        f"end to end {total:.0f} s (goal 600 s).")
+        for r in rs:
+            if "ss_soft_kl_per_token" in r:
+                out.append(f"{name} / {r['run']}: on {r['n_ss_heldout']} held-out self-study queries (the training distribution) "
+                           f"KL {r['ss_soft_kl_per_token']:.3f}, gap {r['ss_soft_kl_gap_closed']:.0%}, top-1 {r['ss_soft_top1_agreement']:.3f}, "
+                           f"ROUGE-L {r['ss_soft_rouge_l']:.3f}; on the {r['n_heldout']} held-out queries that are never generated KL "
+                           f"{r['soft_kl_per_token']:.3f}, gap {r['soft_kl_gap_closed']:.0%}, top-1 {r['soft_top1_agreement']:.3f}, "
+                           f"ROUGE-L {r['soft_rouge_l']:.3f}.")
         pos = {r["run"]: r["soft_kl_per_token"] for r in rs}
         if "prompt-tuning" in pos and any(k.startswith("prefix-") for k in pos):
             out.append(f"{name}, equal positions ({rs[0]['soft_tokens']}): " + ", ".join(f"{k} KL {v:.3f}" for k, v in pos.items()
@@ -195,6 +211,9 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=256, help="self-study training queries per context")
     ap.add_argument("--squad-queries", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--selfstudy-heldout", type=int, default=0,
+                    help="also score every student on this many held-out self-study queries (another seed): the training "
+                         "distribution, never trained on, against the user/SQuAD queries' distribution")
     ap.add_argument("--squad", type=int, default=2, help="SQuAD contexts of 500-900 tokens")
     ap.add_argument("--squad-skip", type=int, default=0, help="skip the first K of those SQuAD contexts (run the later ones alone)")
     ap.add_argument("--contexts", default="instructions,squad", help="which contexts: instructions, squad or both")
@@ -252,14 +271,18 @@ def main() -> int:
             t0 = time.perf_counter()
             train, _ = self_study(base, tok, ctx["text"], nq, 0, args.seed, bf16=bf16, progress=not args.quiet,
                                   exclude=[q.text for q in held])
-            prep[ctx["name"]] = {"generate_s": time.perf_counter() - t0, "n_train": len(train),
+            gen_s, t0 = time.perf_counter() - t0, time.perf_counter()
+            ss_held = (self_study(base, tok, ctx["text"], args.selfstudy_heldout, 0, args.seed + 7919, bf16=bf16, progress=not args.quiet,
+                                  exclude=[q.text for q in held + train])[0] if args.selfstudy_heldout else [])
+            prep[ctx["name"]] = {"generate_s": gen_s, "n_train": len(train), "n_ss_heldout": len(ss_held),
+                                 "ss_heldout_generate_s": time.perf_counter() - t0, "ss_heldout": [q.text for q in ss_held],
                                  "types": {t: sum(q.meta["type"] == t for q in train) for t in dict.fromkeys(q.meta["type"] for q in train)},
                                  "origins": {o: sum(q.meta["origin"] == o for q in train) for o in dict.fromkeys(q.meta["origin"] for q in train)},
                                  "sample_queries": [q.text for q in train[:8]]}
-            state[ctx["name"]] = (held, train)
+            state[ctx["name"]] = (held, train, ss_held)
         plan = []  # (phase, ctx, label, kind, tokens, positions, train queries)
         for ctx in ctxs:
-            held, train = state[ctx["name"]]
+            held, train, _ = state[ctx["name"]]
             main_runs = [("prompt-tuning", "prompt-tuning", n, "first")] + [(f"prefix-{p}", "prefix", n, p) for p in ("first", "attention", "even")]
             for label, kind, tokens, pos in main_runs:
                 for r in runs:
@@ -278,12 +301,13 @@ def main() -> int:
                         plan.append((1, ctx, f"queries-{q}", args.curve_kind, n, "first", train[:q], "forward_kl"))
         plan.sort(key=lambda p: p[0])
         for _, ctx, label, kind, tokens, pos, tq, objective in plan:
-            held = state[ctx["name"]][0]
+            held, _, ss_held = state[ctx["name"]]
             cache = tmp / ctx["name"] / "cache"
             print(f"== {ctx['name']} {label}", flush=True)
             try:
                 row = run_one(base, ctx, tq, held, label, kind, tokens, pos, args, cache if not label.startswith("queries-")
-                              else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {}, objective)
+                              else tmp / ctx["name"] / label, tmp / ctx["name"] / label, {}, objective,
+                              ss_held if not label.startswith("queries-") else ())
             except Exception as e:  # noqa: BLE001 - record and go on
                 print(f"   failed: {e!r}", flush=True)
                 continue
