@@ -335,7 +335,7 @@ def test_cli_bad_input(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_soft_prompt_beats_no_context(smollm2, tmp_path):
     qs = [Query(q) for q in QUERIES + ["Where are the cliffs?", "What leaves at dawn?"]]
-    res = compress(CONTEXT, CompressConfig(tokens=8, steps=30, batch_size=4, max_new_tokens=12, lr=0.05, precision="bf16",
+    res = compress(CONTEXT, CompressConfig(tokens=8, steps=30, batch_size=4, max_new_tokens=12, lr=0.05, precision="auto",
                                            timing_repeats=1, heldout=0.3), qs, tmp_path / "p", base=smollm2, progress=False)
     fid = res.report["fidelity"]
     assert fid["soft"]["kl_per_token"] < fid["none"]["kl_per_token"]
