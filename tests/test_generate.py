@@ -130,3 +130,64 @@ def test_self_study_stops_a_sample_at_its_first_usable_line_without_changing_the
     late, _ = selfstudy.self_study(tiny, tiny.tokenizer, " ".join(TEXTS) * 3, n_train=12, n_heldout=0, chunk_tokens=20,
                                    progress=False, max_new_tokens=16)
     assert [q.text for q in early] == [q.text for q in late]
+
+
+def test_self_study_shares_each_chunk_once_and_writes_the_same_queries(tiny, monkeypatch):
+    """Self-study batches never straddle two chunks and run with share_prefix; in fp32 the queries are
+    the ones every ask run whole gives."""
+    from softprompt import generate as gen_mod
+    from softprompt.compress import selfstudy
+
+    calls: list[tuple[int, bool]] = []
+    real = gen_mod.generate
+
+    def spy(base, prompt, fmt, texts, *a, **k):
+        calls.append((len({t.split("\n\n")[0] for t in texts}), k.get("share_prefix", False)))
+        return real(base, prompt, fmt, texts, *a, **k)
+
+    monkeypatch.setattr(gen_mod, "generate", spy)
+    text = ("The shop opens at nine on weekdays. Bikes cost ten pounds a day to rent. Helmets are free with every "
+            "rental. Repairs take two days in spring. The owner approves every discount herself. ") * 2
+    assert len(selfstudy.chunks(tiny.tokenizer, text, 20)) >= 3
+    shared, _ = selfstudy.self_study(tiny, tiny.tokenizer, text, n_train=12, n_heldout=0, chunk_tokens=20, progress=False,
+                                     max_new_tokens=16)
+    assert calls and all(n == 1 and share for n, share in calls)  # one chunk per batch, its prefix shared
+    whole, _ = selfstudy.self_study(tiny, tiny.tokenizer, text, n_train=12, n_heldout=0, chunk_tokens=20, progress=False,
+                                    max_new_tokens=16, share_prefix=False)
+    assert [q.text for q in shared] == [q.text for q in whole] and len(shared) == 12
+
+
+SHARED = "a long shared document that every request repeats word for word before its own question. "
+
+
+def test_a_shared_prefix_runs_once_and_decodes_as_each_row_alone(tiny):
+    """share_prefix: rows repeating a long text (different suffix lengths, so the rows' own tokens are
+    padded) give the greedy ids of an argmax loop over plain forwards; the shared tokens run once."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("{input}"), chat=True)
+    texts = [SHARED + t for t in TEXTS]
+    rows = [fmt.prompt_ids(Example({"input": t})) for t in texts]
+    seen: list[int] = []
+    hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].numel()))
+    try:
+        got = generate(tiny, None, fmt, texts, SamplingParams(max_new_tokens=8), batch_size=4, share_prefix=True)
+    finally:
+        hook.remove()
+    for ids, text in zip(rows, got):
+        assert text == tiny.tokenizer.decode(_by_hand(tiny, None, ids, 8), skip_special_tokens=True)
+    from softprompt.kv_prefix import reusable_prefix
+    n_shared = len(reusable_prefix(rows))
+    assert n_shared > 10
+    # one forward over the shared tokens, one over the rows' own (padded) tokens, then one token per row
+    assert seen[0] == n_shared and seen[1] == 4 * max(len(r) - n_shared for r in rows) and set(seen[2:]) <= {4}
+
+
+def test_a_shared_prefix_samples_like_the_plain_batch_and_takes_no_soft_prompt(tiny, soft):
+    """Sampled with a seed, the shared-prefix batch draws the same tokens as the left-padded one
+    (fp32: the same next-token distributions, the same generator); a soft prompt is refused."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("{input}"), chat=True)
+    texts = [SHARED + t for t in TEXTS]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5)
+    plain = generate(tiny, None, fmt, texts, params, batch_size=4)
+    assert generate(tiny, None, fmt, texts, params, batch_size=4, share_prefix=True) == plain
+    with pytest.raises(ValueError, match="no soft prompt"):
+        generate(tiny, soft, fmt, texts, params, share_prefix=True)

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
 from softprompt.hf_cache import cache_kw, cache_of
+from softprompt.kv_prefix import after_prefix, kv_cache, layer_kv, reusable_prefix
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt, as_prompt
 
@@ -43,17 +45,51 @@ def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: Sampling
     """New token ids per row for a left-padded batch (``input_ids`` may hold slot markers). A row ends at
     an end-of-sequence token, or when ``on_token(row, token)`` returns True; the batch ends when every row has."""
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     inputs = as_prompt(prompt).model_inputs(model, batch["input_ids"], batch["attention_mask"])
-    mask, pos = inputs["attention_mask"], inputs["position_ids"]
-    n = batch["input_ids"].shape[0]
+    with autocast(device, bf16):
+        res = model(**inputs, use_cache=True)
+    return _decode(model, res.logits[:, -1], cache_of(res), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1,
+                   params, eos_ids, on_token, bf16)
+
+
+@torch.no_grad()
+def generate_ids_shared(model, rows: list[list[int]], params: SamplingParams, eos_ids: list[int],
+                        on_token: Callable[[int, int], bool | None] | None = None, bf16: bool = False) -> list[list[int]]:
+    """:func:`generate_ids` for plain token rows (no soft prompt) whose longest common prefix runs
+    once: its keys/values are shared by every row (expanded, not copied), each row's own tokens are
+    right-padded and masked after it, and every row keeps its own positions."""
+    device = next(model.parameters()).device
+    prefix = reusable_prefix(rows)
+    n, P = len(rows), len(prefix)
+    cache = None
+    if P:
+        once = DynamicCache(config=model.config)
+        with autocast(device, bf16):
+            model(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(P, device=device)[None],
+                  **cache_kw(once), use_cache=True)
+        keys, values = layer_kv(once)
+        cache = kv_cache(list(zip(keys, values)), n, device, keys[0].dtype, config=model.config)
+    ids, mask, pos, lens = after_prefix(rows, P, device)
+    with autocast(device, bf16):
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                    **(cache_kw(cache) if cache is not None else {}), use_cache=True)
+    last = res.logits[torch.arange(n, device=device), torch.tensor(lens, device=device) - 1]
+    return _decode(model, last, cache_of(res), mask, torch.tensor([len(r) for r in rows], device=device),
+                   params, eos_ids, on_token, bf16)
+
+
+def _decode(model, logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, params: SamplingParams,
+            eos_ids: list[int], on_token: Callable[[int, int], bool | None] | None, bf16: bool) -> list[list[int]]:
+    """The decoding loop after a prefill: ``logits`` ``[batch, vocab]`` predict each row's next token,
+    which goes at ``next_pos``; ``mask`` covers every position in ``cache``."""
+    device = logits.device
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    n = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
-    with autocast(device, bf16):
-        res = model(**inputs, use_cache=True)
     for _ in range(params.max_new_tokens):
-        nxt = sample_next(res.logits[:, -1], params, gen)
+        nxt = sample_next(logits, params, gen)
         for i in (~done).nonzero().flatten().tolist():
             tok = int(nxt[i])
             if tok in eos_ids:
@@ -65,10 +101,10 @@ def generate_ids(model, prompt: SoftPrompt | None, batch: dict, params: Sampling
         if done.all():
             break
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
-        pos = pos[:, -1:] + 1
         with autocast(device, bf16):
-            res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
-                        **cache_kw(cache_of(res)), use_cache=True)
+            res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+                        **cache_kw(cache), use_cache=True)
+        cache, next_pos, logits = cache_of(res), next_pos + 1, res.logits[:, -1]
     return out
 
 
@@ -80,11 +116,15 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inputs: list[str | Example],
              params: SamplingParams | None = None, batch_size: int = 8, bf16: bool = False,
              stream: Callable[[int, str], None] | None = None, field: str | None = None,
-             until: Callable[[str], bool] | None = None) -> list[str]:
+             until: Callable[[str], bool] | None = None, share_prefix: bool = False) -> list[str]:
     """Complete each input (a text for the template's first field, or an Example) and return the
     decoded continuations. ``stream(i, piece)`` receives text as it is produced; a row stops early
-    once ``until(text so far)`` is true (the batch stops when every row has)."""
+    once ``until(text so far)`` is true (the batch stops when every row has). With ``share_prefix``
+    (no soft prompt), each batch's longest common token prefix runs once (:func:`generate_ids_shared`):
+    inputs that repeat a long text should be ordered so that a batch shares it."""
     params = params or SamplingParams()
+    if share_prefix and prompt is not None:
+        raise ValueError("generate: share_prefix runs plain token rows; it takes no soft prompt")
     field = field or (fmt.template.fields[0] if fmt.template.fields else "input")
     examples = [x if isinstance(x, Example) else Example({field: x}) for x in inputs]
     tok = base.tokenizer
@@ -107,7 +147,10 @@ def generate(base: BaseModel, prompt: SoftPrompt | None, fmt: PromptFormat, inpu
                 emitted[i] = text
             return bool(until and until(text))
 
-        ids = generate_ids(base.model, prompt, batch, params, base.eos_ids(), on_token, bf16=bf16)
+        if share_prefix:
+            ids = generate_ids_shared(base.model, [list(e.ids) for e in enc], params, base.eos_ids(), on_token, bf16=bf16)
+        else:
+            ids = generate_ids(base.model, prompt, batch, params, base.eos_ids(), on_token, bf16=bf16)
         for i, row in enumerate(ids):
             text = _cut_at_stop(tok.decode(row, skip_special_tokens=True), params.stop)
             if stream and len(text) > len(emitted[i]):

@@ -59,6 +59,22 @@ def batch_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return int(same.cumprod(0).sum())
 
 
+def after_prefix(rows: Sequence[Sequence[int]], prefix_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """A batch of rows that share their first ``prefix_len`` tokens (held in a cache), as their own
+    tokens after it: right-padded ids ``[n, width]``, the mask over prefix and own tokens
+    ``[n, prefix_len + width]`` (padding masked), positions from ``prefix_len`` on, and each row's own length."""
+    n, P = len(rows), prefix_len
+    lens = [len(r) - P for r in rows]
+    width = max(lens)
+    ids = torch.zeros(n, width, dtype=torch.long, device=device)
+    mask = torch.zeros(n, P + width, dtype=torch.long, device=device)
+    mask[:, :P] = 1
+    for i, (r, k) in enumerate(zip(rows, lens)):
+        ids[i, :k] = torch.as_tensor(list(r[P:]), device=device)
+        mask[i, P:P + k] = 1
+    return ids, mask, (P + torch.arange(width, device=device)).expand(n, width), lens
+
+
 # -- caches ----------------------------------------------------------------------------------------
 def kv_cache(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int, device, dtype,
              config=None):

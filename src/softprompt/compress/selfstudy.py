@@ -77,7 +77,7 @@ def sentence_queries(chunk: str) -> list[tuple[str, str]]:
 
 
 def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max_new_tokens: int, bf16: bool,
-            progress: bool, desc: str, batch_size: int = 16) -> list[tuple[int, str, str]]:
+            progress: bool, desc: str, batch_size: int = 16, share_prefix: bool = True) -> list[tuple[int, str, str]]:
     from tqdm.auto import tqdm
 
     from softprompt.encoding import PromptFormat
@@ -89,16 +89,18 @@ def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max
     for ci, t in asks:
         body = pieces[ci] if t != "comparison" or len(pieces) == 1 else f"{pieces[ci]}\n\n{pieces[(ci + 1) % len(pieces)]}"
         texts.append(f"{body}\n\n{TYPES[t]}")
+    # Batches never straddle two chunks, so each batch's chat header and chunk run once (share_prefix).
+    starts = [i for i in range(len(asks)) if i == 0 or asks[i][0] != asks[i - 1][0]] + [len(asks)]
+    batches = [(i, min(i + batch_size, hi)) for lo, hi in zip(starts, starts[1:]) for i in range(lo, hi, batch_size)]
     outs: list[str] = []
-    for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-        outs += generate(base, None, fmt, texts[i:i + batch_size],
-                         SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i), batch_size=batch_size, bf16=bf16,
-                         until=line_done)
+    for i, j in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        outs += generate(base, None, fmt, texts[i:j], SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i),
+                         batch_size=batch_size, bf16=bf16, until=line_done, share_prefix=share_prefix)
     return [(ci, t, clean(o)) for (ci, t), o in zip(asks, outs)]
 
 
 def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: bool, desc: str, seen: set[str],
-             max_new_tokens: int = 32, rounds: int = 3) -> list[Query]:
+             max_new_tokens: int = 32, rounds: int = 3, share_prefix: bool = True) -> list[Query]:
     from softprompt.compress.queries import query_key
 
     per_chunk = -(-n // len(pieces))
@@ -111,7 +113,8 @@ def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: b
         per = max(1, -(-(per_chunk - min(len(got[i]) for i in short)) * 3 // (2 * len(TYPES))))
         # Types interleaved, each chunk starting at another one: every type gets into the quotas.
         asks = [(ci, kinds[(ci + j) % len(kinds)]) for ci in short for _ in range(per) for j in range(len(kinds))]
-        for ci, t, q in _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress, f"{desc} (round {r + 1})"):
+        for ci, t, q in _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress, f"{desc} (round {r + 1})",
+                                share_prefix=share_prefix):
             k = query_key(q)
             if q and k not in seen and len(got[ci]) < per_chunk:
                 seen.add(k)
@@ -136,14 +139,18 @@ def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: b
 
 def self_study(base, tokenizer, context: str, n_train: int = 256, n_heldout: int = 24, seed: int = 0,
                chunk_tokens: int = 128, bf16: bool = False, progress: bool = True,
-               exclude: list[str] = (), max_new_tokens: int = 32) -> tuple[list[Query], list[Query]]:
+               exclude: list[str] = (), max_new_tokens: int = 32,
+               share_prefix: bool = True) -> tuple[list[Query], list[Query]]:
     """``n_train`` distinct training queries and ``n_heldout`` held-out ones (another seed, none equal
-    to a training query) generated from ``context``."""
+    to a training query) generated from ``context``. ``share_prefix`` (default) runs each batch's chat
+    header and chunk once for all its asks; off, every ask runs its whole text."""
     from softprompt.compress.queries import query_key
 
     pieces = chunks(tokenizer, context, chunk_tokens)
     seen = {query_key(t) for t in exclude}
-    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen, max_new_tokens)
-    held = (_collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen, max_new_tokens)
+    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen, max_new_tokens,
+                     share_prefix=share_prefix)
+    held = (_collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen, max_new_tokens,
+                     share_prefix=share_prefix)
             if n_heldout else [])
     return train, held

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from softprompt.atomic import atomic_save_tensors
 from softprompt.base_model import BaseModel
 from softprompt.hf_cache import cache_kw, cache_of
-from softprompt.kv_prefix import extends, kv_cache, layer_kv, rewind
+from softprompt.kv_prefix import after_prefix, extends, kv_cache, layer_kv, rewind
 from softprompt.precision import autocast
 
 
@@ -159,15 +159,7 @@ class Teacher:
         keys, values = layer_kv(self._cache)
         n, P, dev = len(rows), len(p), self.device
         cache = kv_cache(list(zip(keys, values)), n, dev, keys[0].dtype, config=self.model.config)
-        lens = [len(r) - P for r in rows]
-        width = max(lens)
-        ids = torch.zeros(n, width, dtype=torch.long, device=dev)
-        mask = torch.zeros(n, P + width, dtype=torch.long, device=dev)
-        mask[:, :P] = 1
-        for i, (r, k) in enumerate(zip(rows, lens)):
-            ids[i, :k] = torch.as_tensor(r[P:], device=dev)
-            mask[i, P:P + k] = 1
-        pos = (P + torch.arange(width, device=dev)).expand(n, width)
+        ids, mask, pos, lens = after_prefix(rows, P, dev)
         self.forwards += 1
         with autocast(dev, self.bf16):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kw(cache), use_cache=True)
