@@ -84,7 +84,8 @@ def run_one(base, ctx: dict, train, held, label: str, kind: str, tokens: int, po
                          patience=args.patience, batch_size=args.batch_size, lr=args.lr_prefix if kind == "prefix" else args.lr,
                          max_new_tokens=args.max_new_tokens, topk=args.topk, precision=args.precision, device="cpu",
                          cache_dir=str(cache), timing_repeats=1, timing_queries=2, seed=args.seed,
-                         baselines=("truncated", "none", "llmlingua"), objective=objective, temperature=args.temperature)
+                         baselines=("truncated", "none", "llmlingua"), objective=objective, temperature=args.temperature,
+                         mode_weight=args.mode_weight)
     t0 = time.perf_counter()
     job = Compressor(ctx["text"], cfg, train, out, base=base, progress=not args.quiet, heldout_queries=held)
     res = job.run()
@@ -222,6 +223,7 @@ def main() -> int:
     ap.add_argument("--runs", default="prompt-tuning,prefix-first,prefix-even,prefix-attention,equal-bytes",
                     help="also RUN:OBJECTIVE (e.g. prompt-tuning:reverse_kl) for a run with another distillation objective")
     ap.add_argument("--temperature", type=float, default=1.0, help="distillation temperature of every run")
+    ap.add_argument("--mode-weight", type=float, default=0.0, help="every run: weight of the cross-entropy on the teacher's top token")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--patience", type=int, default=3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softprompt.compress import CompressConfig, Compressor, Query, compress, read_queries, split_queries
-from softprompt.compress.distill import kl_loss, rows_batch
+from softprompt.compress.distill import distill_loss, kl_loss, rows_batch, teacher_top1
 from softprompt.compress.layout import Renderer, make_layout
 from softprompt.compress.teacher import TeacherDists, compress_dist
 from softprompt.errors import DataError, SoftPromptError
@@ -83,6 +83,44 @@ def test_distillation_loss_falls(tiny, tmp_path, objective):
     job.train(entries)
     after = job.loss_on(entries)
     assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("topk", [0, 8])
+def test_mode_weight_adds_the_cross_entropy_of_the_teachers_top_token(topk):
+    g = torch.Generator().manual_seed(1)
+    t, s = torch.randn(6, 40, generator=g) * 3, torch.randn(6, 40, generator=g) * 3
+    dists = compress_dist(t, 1.0, topk)
+    assert torch.equal(teacher_top1(dists), t.argmax(-1))
+    targets = torch.randint(0, 40, (6,), generator=g)
+    for objective in ("forward_kl", "reverse_kl"):
+        plain = distill_loss(objective, s, dists, targets)
+        ce = -torch.log_softmax(s, -1)[torch.arange(6), t.argmax(-1)].sum()  # written out, not F.cross_entropy
+        assert torch.allclose(distill_loss(objective, s, dists, targets, mode_weight=0.5), plain + 0.5 * ce, atol=1e-5)
+
+
+def _top1_agreement(job, entries) -> float:
+    batch, _, teacher = job._batch(entries)
+    logits = target_logits(job.student_model, job.prompt, batch, share_prefix=False)[0]
+    return float((logits.argmax(-1) == teacher_top1(teacher)).float().mean())
+
+
+def test_mode_weight_pulls_the_students_argmax_to_the_teachers(tiny, tmp_path):
+    agree = {}
+    for w in (0.0, 4.0):
+        job = Compressor(CONTEXT, _cfg(mode_weight=w, steps=30, init="random", topk=0), _queries(), tmp_path / str(w),
+                         base=tiny, progress=False)
+        train, _ = job.split()
+        entries, _ = job.teacher_entries("train", train)
+        job.train(entries)
+        with torch.no_grad():
+            agree[w] = _top1_agreement(job, entries)
+    assert agree[4.0] > agree[0.0], agree
+
+
+def test_mode_weight_is_checked(tiny, tmp_path):
+    for kw in (dict(mode_weight=-1.0), dict(mode_weight=1.0, objective="loglik")):
+        with pytest.raises(SoftPromptError, match="--mode-weight"):
+            Compressor(CONTEXT, _cfg(**kw), _queries(), tmp_path / "p", base=tiny, progress=False)
 
 
 # -- the teacher cache -----------------------------------------------------------------------------

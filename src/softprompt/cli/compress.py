@@ -48,6 +48,8 @@ def register(sub) -> None:
     d.add_argument("--teacher", help="teacher model sharing the tokenizer (default: the same model)")
     d.add_argument("--objective", choices=["forward_kl", "reverse_kl", "loglik"], default="forward_kl")
     d.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    d.add_argument("--mode-weight", type=float, default=0.0, metavar="W", help="add W x the cross-entropy of the teacher's "
+                   "top token at every distilled position (pulls the student's argmax; default 0: off)")
     d.add_argument("--topk", type=int, default=64, help="keep the teacher's top-k log-probs + remainder (0: exact full-vocabulary KL)")
     d.add_argument("--max-new-tokens", type=int, default=32, help="teacher continuation length (default 32)")
     d.add_argument("--sample", type=float, default=0.0, metavar="T", help="sample teacher continuations at temperature T (default: greedy)")
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     context = read_context(args.context)
     queries = read_queries(args.queries) if args.queries else None
     cfg = CompressConfig(model=args.model, teacher=args.teacher, tokens=args.tokens, placement=args.placement,
-                         template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature,
+                         template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature, mode_weight=args.mode_weight,
                          topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          max_new_tokens=args.max_new_tokens, sample_temperature=args.sample, n_queries=args.n_queries,
                          heldout=args.heldout, seed=args.seed, precision=args.precision, device=args.device, cache_dir=args.cache_dir,

@@ -52,6 +52,7 @@ class CompressConfig:
     chat: bool = True
     objective: str = "forward_kl"  # forward_kl | reverse_kl | loglik
     temperature: float = 1.0
+    mode_weight: float = 0.0  # add this times the cross-entropy of the teacher's top token (0: off)
     topk: int = 64  # 0: exact full-vocabulary KL
     init: str = "context"  # context | random | vocab | text:TEXT (prompt-tuning)
     kind: str = "prompt-tuning"  # prompt-tuning (soft input vectors) | prefix (per-layer keys/values)
@@ -141,6 +142,9 @@ class Compressor:
             raise SoftPromptError(f"--objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if cfg.temperature <= 0:
             raise SoftPromptError(f"--temperature must be > 0 (got {cfg.temperature})")
+        if cfg.mode_weight < 0 or (cfg.mode_weight and cfg.objective == "loglik"):
+            raise SoftPromptError(f"--mode-weight {cfg.mode_weight}: expected >= 0, with a KL objective "
+                                  f"(--objective {cfg.objective})")
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
             raise SoftPromptError("--steps, --batch-size and --max-new-tokens must be >= 1")
         if cfg.kind not in STUDENT_KINDS:
@@ -435,7 +439,7 @@ class Compressor:
         batch, targets, teacher = self._batch(entries)
         with autocast(self.base.device, self.bf16):
             logits = target_logits(self.student_model, prompt, batch, share_prefix=self.cfg.share_prefix)[0]
-        return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature), len(targets)
+        return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature, self.cfg.mode_weight), len(targets)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -604,7 +608,7 @@ class Compressor:
             "positions": c.positions if c.kind == "prefix" else None,
             "positions_kept": getattr(self, "positions_kept", None), "freeze_first": c.freeze_first if c.kind == "prefix" else None,
             "context_sha256": context_sha(self.context), "placement": self.layout.placement,
-            "template": self.template_source, "objective": c.objective, "temperature": c.temperature,
+            "template": self.template_source, "objective": c.objective, "temperature": c.temperature, "mode_weight": c.mode_weight,
             "topk": c.topk, "init": c.init if c.kind == "prompt-tuning" else f"kv:{c.positions}",
             "loss_positions": c.loss_positions, "n_train": len(self.fit_q), "n_dev": len(self.dev_q), "n_heldout": len(heldout),
             "llmlingua_text": self._lingua[0] if hasattr(self, "_lingua") else None,

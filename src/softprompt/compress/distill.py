@@ -6,6 +6,10 @@ All losses are summed over tokens (the caller divides by the token count):
 - ``reverse_kl``: KL(student || teacher); mode-seeking.
 - ``loglik``: negative log-likelihood of the teacher's continuation tokens under the student.
 
+``mode_weight`` adds that weight times the cross-entropy of the teacher's most likely token at every
+distilled position (its greedy choice): a pull on the student's argmax, which top-1 agreement scores
+and which a small KL leaves free where the teacher is unsure.
+
 With a temperature ``T`` both distributions are softened by ``T`` and the KL is scaled by ``T**2``
 (Hinton et al.), so gradients keep their scale. With top-k teacher distributions the KL is taken
 between the two distributions coarsened to k + 1 outcomes (the teacher's top-k tokens and "everything
@@ -47,15 +51,26 @@ def kl_loss(student_logits: torch.Tensor, teacher: TeacherDists, temperature: fl
     return kl.sum() * temperature ** 2
 
 
+def teacher_top1(teacher: TeacherDists) -> torch.Tensor:
+    """The teacher's most likely token at each position ``[n]``."""
+    return teacher.full.argmax(-1) if teacher.full is not None else teacher.idx[:, 0].long()
+
+
 def distill_loss(objective: str, student_logits: torch.Tensor, teacher: TeacherDists | None,
-                 targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                 targets: torch.Tensor, temperature: float = 1.0, mode_weight: float = 0.0) -> torch.Tensor:
     if objective == "forward_kl":
-        return kl_loss(student_logits, teacher, temperature)
-    if objective == "reverse_kl":
-        return kl_loss(student_logits, teacher, temperature, reverse=True)
-    if objective == "loglik":
-        return F.cross_entropy(student_logits.float(), targets, reduction="sum")
-    raise ValueError(f"unknown objective {objective!r}")
+        loss = kl_loss(student_logits, teacher, temperature)
+    elif objective == "reverse_kl":
+        loss = kl_loss(student_logits, teacher, temperature, reverse=True)
+    elif objective == "loglik":
+        loss = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    if mode_weight:
+        if teacher is None:
+            raise ValueError("mode_weight needs the teacher's distributions (not the loglik objective)")
+        loss = loss + mode_weight * F.cross_entropy(student_logits.float(), teacher_top1(teacher), reduction="sum")
+    return loss
 
 
 def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device,
