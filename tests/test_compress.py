@@ -597,6 +597,10 @@ def test_cli_bad_kind_and_positions(tiny_dir, tmp_path, capsys):
     assert rc == 2 and "cannot be a compression student" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _cli(common + ["--kind", "prefix", "--tokens", "999", "--out", str(tmp_path / "b")], capsys)
     assert rc == 2 and "has only" in err and len(err.strip().splitlines()) == 1
+    for extra in (["--mode-weight", "-1"], ["--objective", "loglik", "--mode-weight", "1"]):
+        rc, _, err = _cli(common + extra + ["--out", str(tmp_path / "c")], capsys)
+        assert rc == 2 and "--mode-weight" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "c" / "prompt.json").exists()
 
 
 # -- LLMLingua -------------------------------------------------------------------------------------
