@@ -117,6 +117,17 @@ def test_mode_weight_pulls_the_students_argmax_to_the_teachers(tiny, tmp_path):
     assert agree[4.0] > agree[0.0], agree
 
 
+def test_early_stopping_watches_the_kl_without_the_mode_term(tiny, tmp_path):
+    jobs = [Compressor(CONTEXT, _cfg(mode_weight=w, init="random"), _queries(), tmp_path / str(w), base=tiny, progress=False)
+            for w in (0.0, 2.0)]
+    entries = jobs[0].teacher_entries("train", jobs[0].split()[0])[0]
+    prompt = jobs[0].make_prompt()
+    with torch.no_grad():
+        trained = [float(j._loss(prompt, entries)[0]) for j in jobs]
+    assert trained[1] > trained[0] * 1.5  # training does add the term ...
+    assert jobs[1].loss_on(entries, prompt) == pytest.approx(jobs[0].loss_on(entries, prompt), rel=1e-6)  # ... the dev KL does not
+
+
 def test_mode_weight_is_checked(tiny, tmp_path):
     for kw in (dict(mode_weight=-1.0), dict(mode_weight=1.0, objective="loglik")):
         with pytest.raises(SoftPromptError, match="--mode-weight"):
@@ -524,11 +535,11 @@ def test_resume_continues_an_interrupted_compression(tiny, tmp_path, monkeypatch
     calls = {"n": 0}
     orig = broken._loss
 
-    def dies(prompt, entries):
+    def dies(prompt, entries, **kw):
         calls["n"] += 1
         if calls["n"] > 11:  # 8 steps + 2 dev evaluations (1 batch each) + 1: dies at step 9
             raise KeyboardInterrupt
-        return orig(prompt, entries)
+        return orig(prompt, entries, **kw)
 
     monkeypatch.setattr(broken, "_loss", dies)
     with pytest.raises(KeyboardInterrupt):

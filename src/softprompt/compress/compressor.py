@@ -435,11 +435,14 @@ class Compressor:
         teacher = TeacherDists.cat([e.dists for e in entries]).to(base.device) if c.objective != "loglik" else None
         return batch, targets, teacher
 
-    def _loss(self, prompt: SoftPrompt, entries: list[TeacherEntry]) -> tuple[torch.Tensor, int]:
+    def _loss(self, prompt: SoftPrompt, entries: list[TeacherEntry], mode_weight: float | None = None
+              ) -> tuple[torch.Tensor, int]:
+        """Summed training loss over ``entries`` and its token count (``mode_weight``: default the config's)."""
         batch, targets, teacher = self._batch(entries)
         with autocast(self.base.device, self.bf16):
             logits = target_logits(self.student_model, prompt, batch, share_prefix=self.cfg.share_prefix)[0]
-        return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature, self.cfg.mode_weight), len(targets)
+        w = self.cfg.mode_weight if mode_weight is None else mode_weight
+        return distill_loss(self.cfg.objective, logits, teacher, targets, self.cfg.temperature, w), len(targets)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -536,11 +539,12 @@ class Compressor:
 
     @torch.no_grad()
     def loss_on(self, entries: list[TeacherEntry], prompt: SoftPrompt | None = None) -> float:
-        """Mean distillation loss per token of ``prompt`` (default: the current one) over ``entries``."""
+        """Mean distillation loss per token of ``prompt`` (default: the current one) over ``entries``: the
+        objective alone, without the ``mode_weight`` term, so early stopping watches the dev KL."""
         prompt = prompt or self.prompt
         total, count = 0.0, 0
         for i in range(0, len(entries), self.cfg.batch_size):
-            loss, n = self._loss(prompt, entries[i:i + self.cfg.batch_size])
+            loss, n = self._loss(prompt, entries[i:i + self.cfg.batch_size], mode_weight=0.0)
             total += float(loss)
             count += n
         return total / max(count, 1)
