@@ -120,7 +120,8 @@ async def send(client, job: Job) -> Outcome:
         return Outcome(e.status_code, latency=time.perf_counter() - t0, retry_after=e.response.headers.get("retry-after"),
                        error=str(e)[:300], code=getattr(e, "code", None))
     except openai.APIError as e:  # transport: connection reset, broken stream
-        return Outcome(-1, latency=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:300])
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        return Outcome(-1, latency=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}{cause}"[:300])
 
 
 async def send_hostile(http, url: str, key: str, model: str, i: int) -> tuple[bool, int]:

@@ -5,8 +5,10 @@ answer equal to the same request alone, hostile requests refused with a 400 nami
 bounded memory."""
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from serve_helpers import KEY_A, KEY_B, _free_port
@@ -47,3 +49,27 @@ def test_soak_64_clients(tiny_dir, prompts_dir, keys_file):
     # Bounded memory: the batch's KV pools shrink back when idle, nothing accumulates per request.
     rss = res["rss_mb"]
     assert rss["peak"] - rss["start"] < 150 and rss["second_half_growth"] < 50, rss
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(tiny_dir, prompts_dir, keys_file):
+    """httpx (and so the openai client) reuses an idle connection for up to 5 s: the server must keep it
+    open longer, or a request sent as the server closes it fails with a connection error."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(tiny_dir), "--prompts", str(prompts_dir),
+                             "--keys", str(keys_file), "--port", str(port), "--watch-interval", "0", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        soak.wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        first = None
+        for _ in range(2):
+            conn.request("GET", "/health")  # on the same connection: a closed one raises, it is not reopened
+            r = conn.getresponse()
+            assert r.status == 200 and b'"ok"' in r.read()
+            first = first or conn.sock
+            assert conn.sock is first
+            time.sleep(6.5)  # past the clients' 5 s
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -144,6 +144,12 @@ def create_app(server: Server, studio: bool = False) -> FastAPI:
     return app
 
 
+# Idle keep-alive connections stay open this long. HTTP client pools (httpx, so the openai client)
+# drop an idle connection after 5 s; uvicorn's default is also 5 s, so a client could send a request on a
+# connection the server was closing that instant and get a connection error. Longer than the clients'.
+KEEP_ALIVE_S = 75
+
+
 def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
                   studio: bool = False) -> int:
     """Serve until SIGINT or SIGTERM: HTTP in a thread, the engine in this (main) thread, so the
@@ -155,7 +161,8 @@ def serve_forever(server: Server, host: str = "127.0.0.1", port: int = 8000, log
 
     from softprompt.errors import SoftPromptError
 
-    config = uvicorn.Config(create_app(server, studio=studio), host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(create_app(server, studio=studio), host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server.engine_thread = False
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, name="softprompt-http", daemon=True)
