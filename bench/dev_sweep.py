@@ -45,6 +45,9 @@ CONFIGS = {
     "split-10-10": ("vocab", 0.03, 1000, 8, {"template": "[soft:10] Review: {sentence}\n[soft:10]\nSentiment:"}),
     # 20 prefix positions: per-layer keys and values (the learning rate of bench/kinds_sst2.py)
     "prefix-lr0.01": ("vocab", 0.01, 1000, 8, {"kind": "prefix"}),
+    # the same, started from the model's own keys/values of the hand-written instruction (PEFT's
+    # prefix tuning from a system prompt's KV; the CARTRIDGE initialization)
+    "prefix-text-lr0.01": (f"text:{SST2_INSTRUCTION}", 0.01, 1000, 8, {"kind": "prefix"}),
 }
 
 
@@ -61,7 +64,7 @@ def run(args) -> None:
                 "--eval-split", "dev", "--eval", str(args.eval), "--init", init, "--lr", str(lr),
                 "--train", str(n_train or 10**9), "--objective", extra["objective"], "--kind", extra["kind"],
                 *(["--template", extra["template"]] if extra["template"] else []),
-                "--tokens", str(args.tokens), "--fewshot-draws", "0", "--fewshot-seeds", "0",
+                "--tokens", str(args.tokens), "--precision", args.precision, "--no-zero-shot", "--fewshot-draws", "0", "--fewshot-seeds", "0",
                 "--data-dir", str(args.data_dir), "--out", str(args.out / name), "--resume", "--no-inner-progress",
                 "--budget", f"dev sweep, {args.steps} steps"]
         print(f"== {name}: python bench/tasks.py {' '.join(argv)}", flush=True)
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     ap.add_argument("--data-dir", type=Path, default=tasks.DATA)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                    help="auto: bf16 where this CPU runs it natively, else fp32 (bf16 is ~10x slower without)")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args(argv)
     args.out = args.out or tasks.RESULTS / f"{args.task}_dev_sweep"

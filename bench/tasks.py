@@ -38,6 +38,7 @@ from softprompt.errors import SoftPromptError  # noqa: E402
 from softprompt.evaluate import few_shot_contender, hard_contender  # noqa: E402
 from softprompt.generate import SamplingParams, generate  # noqa: E402
 from softprompt.hardware import hardware_line, hardware_report  # noqa: E402
+from softprompt.precision import resolve_precision  # noqa: E402
 from softprompt.scoring import classify, label_logprobs  # noqa: E402
 from softprompt.task_metrics import bootstrap_ci, metric_fn  # noqa: E402
 from softprompt.template import parse_template  # noqa: E402
@@ -135,7 +136,7 @@ def run_task(task: str, seed: int, data: tuple, args, base, save, bar) -> None:
         save({**common, "method": method, "seed": seed, **scores(task, recipe, preds, test), **extra})
         bar.update(1)
 
-    if seed == 0 and not save.has(task, "zero-shot", None):
+    if seed == 0 and not args.no_zero_shot and not save.has(task, "zero-shot", None):
         t0 = time.perf_counter()
         c = hard_contender(base, "hand-written", recipe.hard_prompt, recipe.chat)
         row("zero-shot", None, predict(base, base.model, None, c.fmt, recipe, task, test, bf16), eval_s=time.perf_counter() - t0,
@@ -291,7 +292,10 @@ def analysis(doc: dict, summary: dict) -> list[str]:
         if not s or "ours" not in s:
             continue
         ours = s["ours"]
-        base_best = max((m for m in ("zero-shot", "few-shot") if m in s), key=lambda m: s[m]["mean"])
+        hard = [m for m in ("zero-shot", "few-shot") if m in s]
+        if not hard:  # --no-zero-shot and no few-shot: nothing untrained to compare against
+            continue
+        base_best = max(hard, key=lambda m: s[m]["mean"])
         b = s[base_best]
         notes = []
         if "lora" in s:
@@ -522,8 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=float, default=0.06)
     ap.add_argument("--tokens", type=int, default=20)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                    help="every method's: ours trains in it, PEFT and LoRA run under its autocast, scoring too")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="bf16",
+                    help="every method's: ours trains in it, PEFT and LoRA run under its autocast, scoring too; "
+                         "auto: bf16 where this CPU runs it natively, else fp32")
+    ap.add_argument("--no-zero-shot", action="store_true",
+                    help="skip the hand-written zero-shot row (a sweep that scores it once elsewhere)")
     ap.add_argument("--init", default="vocab")
     ap.add_argument("--kind", default="prompt-tuning", choices=["prompt-tuning", "prefix", "p-tuning"],
                     help="our rows' kind (PEFT's prompt-tuning row needs prompt-tuning: it starts from our vectors)")
@@ -550,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="rewrite tasks.md and tasks.png from OUT/tasks.json")
     ap.add_argument("--no-inner-progress", dest="inner_progress", action="store_false")
     args = ap.parse_args(argv)
+    if args.precision == "auto":
+        args.precision = resolve_precision("auto", announce=False).dtype
     if args.render:
         render(args.out)
         return 0

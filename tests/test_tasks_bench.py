@@ -14,6 +14,8 @@ import torch
 from conftest import REPO, SHARED_DATA, make_tiny_model
 from strict import need, need_module
 
+from softprompt.precision import resolve_precision
+
 sys.path.insert(0, str(REPO / "bench"))
 need_module("peft")
 import peers  # noqa: E402
@@ -226,7 +228,7 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
     trained = []
     real_cfg = tasks.train_config
     monkeypatch.setattr(tasks, "train_config", lambda *a: trained.append((real_cfg(*a).kind, real_cfg(*a).template)) or real_cfg(*a))
-    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall,soft-after-review,prefix-lr0.01"
+    configs = "vocab-lr0.03-n1000,labels-lr0.1-nall,soft-after-review,prefix-lr0.01,prefix-text-lr0.01"
     assert dev_sweep.main(["--model", str(long_tiny), "--steps", "2", "--seeds", "2", "--eval", "8", "--configs", configs,
                            "--data-dir", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
     assert "test" not in read and set(read) == {"train", "dev"}
@@ -245,6 +247,14 @@ def test_the_dev_sweep_scores_dev_only_and_names_the_best_configuration(long_tin
     assert by["vocab-lr0.03-n1000"]["template"] == "the recipe's" and ("prompt-tuning", recipe_template) in trained
     assert by["prefix-lr0.01"]["kind"] == "prefix" and ("prefix", recipe_template) in trained
     assert by["prefix-lr0.01"]["lr"] == 0.01 and len(by["prefix-lr0.01"]["scores"]) == 2
+    assert by["prefix-text-lr0.01"]["kind"] == "prefix" and by["prefix-text-lr0.01"]["init"] == "text:" + dev_sweep.SST2_INSTRUCTION
+    # precision auto is what this CPU runs natively; the zero-shot row, the same for every
+    # configuration, is not scored once per configuration
+    native = resolve_precision("auto", announce=False).dtype
+    for name in configs.split(","):
+        run = json.loads((tmp_path / name / "tasks.json").read_text())
+        assert run["setup"]["precision"] == native == by[name]["precision"]
+        assert {r["method"] for r in run["rows"]} == {"ours"}
 
 
 def test_a_template_that_does_not_fit_the_task_is_refused_before_any_work(capsys, tmp_path):
