@@ -191,3 +191,26 @@ def test_a_shared_prefix_samples_like_the_plain_batch_and_takes_no_soft_prompt(t
     assert generate(tiny, None, fmt, texts, params, batch_size=4, share_prefix=True) == plain
     with pytest.raises(ValueError, match="no soft prompt"):
         generate(tiny, soft, fmt, texts, params, share_prefix=True)
+
+
+def test_equal_rows_run_their_own_tokens_once_and_sample_like_the_plain_batch(tiny):
+    """Several samples of one prompt (self-study asks): the shared prefix runs once, each distinct
+    row's own tokens run once, and the draws equal the plain left-padded batch's (fp32, one generator);
+    the rows still draw apart."""
+    fmt = PromptFormat(tiny.tokenizer, parse_template("{input}"), chat=True)
+    texts = [SHARED + "what is it about?"] * 3 + [SHARED + "and who wrote it, please?"] * 3
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=7)
+    plain = generate(tiny, None, fmt, texts, params, batch_size=6)
+    seen: list[int] = []
+    hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].numel()))
+    try:
+        shared = generate(tiny, None, fmt, texts, params, batch_size=6, share_prefix=True)
+    finally:
+        hook.remove()
+    assert shared == plain
+    assert len(set(shared[:3])) > 1  # equal prompts, different samples
+    rows = [fmt.prompt_ids(Example({"input": t})) for t in texts]
+    from softprompt.kv_prefix import reusable_prefix
+    n_shared = len(reusable_prefix(rows))
+    assert seen[0] == n_shared and seen[1] == 2 * max(len(r) - n_shared for r in rows)  # two distinct rows
+    assert all(k <= 6 for k in seen[2:])  # then one token per row still running

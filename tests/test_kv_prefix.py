@@ -13,10 +13,12 @@ from softprompt.kv_prefix import (
     common_prefix_len,
     extends,
     forward_with_prefix,
+    grow_in_place,
     layer_kv,
     reusable_prefix,
     rewind,
     run_prefix,
+    select_rows,
 )
 from softprompt.objectives import target_logits
 from softprompt.prompts import NO_PROMPT, NoPrompt, PrefixTuning, PromptTuning, as_prompt, marker
@@ -143,6 +145,46 @@ def test_cache_rows_and_broadcast(tiny):
     for src, row, wide in zip(cache.layers, one.layers, many.layers):
         assert torch.equal(row.keys[0], src.keys[1]) and torch.equal(row.values[0], src.values[1])
         assert wide.keys.shape[0] == 4 and all(torch.equal(wide.keys[i], src.keys[1]) for i in range(4))
+
+
+def test_a_cache_grown_in_place_decodes_like_a_concatenating_one(tiny):
+    """grow_in_place: each step writes its position into spare room (no copy of the cache, the buffer
+    doubles when full) and the logits equal the concatenating DynamicCache's bit for bit, through a
+    rewind, a row selection and a growth past the reserved room."""
+    model = tiny.model
+    steps = [[[5], [6]], [[7], [8]], [[9], [10]], [[11], [12]], [[13], [14]]]
+
+    def decode(grow: bool):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]]), use_cache=True)
+            cache = cache_of(out)
+            if grow:
+                grow_in_place(cache, 2)
+                buf = cache.layers[0]._kbuf
+            logits, pos = [], 4
+            for i, ids in enumerate(steps):
+                if i == 2:
+                    rewind(cache, pos - 1)  # drop the last position, then write it again
+                    pos -= 1
+                    logits.append(model(input_ids=torch.tensor(steps[1]), position_ids=torch.tensor([[pos]] * 2),
+                                        **cache_kw(cache), use_cache=True).logits)
+                    pos += 1
+                if i == 3:
+                    select_rows(cache, torch.tensor([1, 0]))  # rows swapped: a fresh tensor, not the buffer
+                    ids = ids[::-1]
+                out = model(input_ids=torch.tensor(ids), position_ids=torch.tensor([[pos]] * 2), **cache_kw(cache),
+                            use_cache=True)
+                logits.append(out.logits)
+                pos += 1
+            if grow:
+                layer = cache.layers[0]
+                assert type(layer).__name__ == "GrowingLayer" and layer.keys.data_ptr() == layer._kbuf.data_ptr()
+                assert buf.shape[-2] == 6 and layer._kbuf.shape[-2] > 6  # grew past the reserved room
+        return torch.cat(logits), cache.get_seq_length()
+
+    (plain, n1), (grown, n2) = decode(False), decode(True)
+    assert n1 == n2 == 4 + len(steps)
+    assert torch.equal(plain, grown)
 
 
 # -- the null prompt -------------------------------------------------------------------------------

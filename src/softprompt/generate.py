@@ -12,7 +12,8 @@ from softprompt.base_model import BaseModel
 from softprompt.data.examples import Example
 from softprompt.encoding import PromptFormat, collate
 from softprompt.hf_cache import cache_kw, cache_of
-from softprompt.kv_prefix import after_prefix, kv_cache, layer_kv, reusable_prefix
+from softprompt.kv_prefix import after_prefix, grow_in_place, kv_cache, layer_kv, reusable_prefix, select_rows
+from softprompt.objectives import split_model
 from softprompt.precision import autocast
 from softprompt.prompts import SoftPrompt, as_prompt
 
@@ -26,8 +27,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from ``[batch, vocab]`` logits."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                rows: torch.Tensor | None = None, n_rows: int | None = None) -> torch.Tensor:
+    """Next token per row from ``[batch, vocab]`` logits. Sampling is torch.multinomial's own method
+    for one draw (``argmax(p / q)``, ``q ~ Exp(1)``). With ``rows`` (the batch's rows among
+    ``n_rows``), the noise is drawn for all ``n_rows`` and the given rows' taken, so a row draws the
+    same as in the full batch after others have left it."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / params.temperature, -1)
@@ -36,7 +41,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the top token
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if rows is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    q = probs.new_empty(n_rows, probs.shape[-1]).exponential_(1, generator=generator)[rows]
+    return (probs / q).argmax(-1)
 
 
 @torch.no_grad()
@@ -57,10 +65,15 @@ def generate_ids_shared(model, rows: list[list[int]], params: SamplingParams, eo
                         on_token: Callable[[int, int], bool | None] | None = None, bf16: bool = False) -> list[list[int]]:
     """:func:`generate_ids` for plain token rows (no soft prompt) whose longest common prefix runs
     once: its keys/values are shared by every row (expanded, not copied), each row's own tokens are
-    right-padded and masked after it, and every row keeps its own positions."""
+    right-padded and masked after it, and every row keeps its own positions. Rows that are equal
+    (several samples of one prompt) run their own tokens once too; the LM head runs only at each
+    row's last position."""
     device = next(model.parameters()).device
     prefix = reusable_prefix(rows)
-    n, P = len(rows), len(prefix)
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(r), len(distinct)) for r in rows]
+    urows = [list(r) for r in distinct]
+    n, u, P = len(rows), len(urows), len(prefix)
     cache = None
     if P:
         once = DynamicCache(config=model.config)
@@ -68,39 +81,59 @@ def generate_ids_shared(model, rows: list[list[int]], params: SamplingParams, eo
             model(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(P, device=device)[None],
                   **cache_kw(once), use_cache=True)
         keys, values = layer_kv(once)
-        cache = kv_cache(list(zip(keys, values)), n, device, keys[0].dtype, config=model.config)
-    ids, mask, pos, lens = after_prefix(rows, P, device)
+        cache = kv_cache(list(zip(keys, values)), u, device, keys[0].dtype, config=model.config)
+    ids, mask, pos, lens = after_prefix(urows, P, device)
+    at = (torch.arange(u, device=device), torch.tensor(lens, device=device) - 1)
+    parts = split_model(model)
     with autocast(device, bf16):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                    **(cache_kw(cache) if cache is not None else {}), use_cache=True)
-    last = res.logits[torch.arange(n, device=device), torch.tensor(lens, device=device) - 1]
-    return _decode(model, last, cache_of(res), mask, torch.tensor([len(r) for r in rows], device=device),
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **(cache_kw(cache) if cache is not None else {}))
+        if parts is not None:
+            res = parts[0](**kw)
+            last = parts[1](res.last_hidden_state[at])
+        else:
+            res = model(**kw)
+            last = res.logits[at]
+    cache = cache_of(res)
+    if u < n:  # every row gets its own copy of its distinct row's cache (with room to decode into)
+        index = torch.tensor(which, device=device)
+        cache, last, mask = select_rows(cache, index), last[index], mask[index]
+    return _decode(model, last, cache, mask, torch.tensor([len(r) for r in rows], device=device),
                    params, eos_ids, on_token, bf16)
 
 
 def _decode(model, logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, params: SamplingParams,
             eos_ids: list[int], on_token: Callable[[int, int], bool | None] | None, bf16: bool) -> list[list[int]]:
     """The decoding loop after a prefill: ``logits`` ``[batch, vocab]`` predict each row's next token,
-    which goes at ``next_pos``; ``mask`` covers every position in ``cache``."""
+    which goes at ``next_pos``; ``mask`` covers every position in ``cache``. Finished rows leave the
+    batch once a quarter of it has finished (their cache rows are dropped), so they cost no more steps."""
     device = logits.device
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     n = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
+    live = list(range(n))  # the original row of each row still in the batch
     done = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
-    for _ in range(params.max_new_tokens):
-        nxt = sample_next(logits, params, gen)
+    cache = grow_in_place(cache, params.max_new_tokens)  # each step appends in place, no copy of the cache
+    for step in range(params.max_new_tokens):
+        nxt = sample_next(logits, params, gen, torch.tensor(live, device=device), n)
         for i in (~done).nonzero().flatten().tolist():
             tok = int(nxt[i])
             if tok in eos_ids:
                 continue
-            out[i].append(tok)
-            if on_token and on_token(i, tok):
+            out[live[i]].append(tok)
+            if on_token and on_token(live[i], tok):
                 done[i] = True
         done |= torch.isin(nxt, eos)
         if done.all():
             break
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
+        if 4 * int(done.sum()) >= len(live):  # drop the finished rows
+            keep = (~done).nonzero().flatten()
+            live = [live[i] for i in keep.tolist()]
+            cache = grow_in_place(select_rows(cache, keep), params.max_new_tokens - step - 1)
+            nxt, mask, next_pos, done = nxt[keep], mask[keep], next_pos[keep], done[keep]
+        m = len(live)
+        mask = torch.cat([mask, torch.ones(m, 1, dtype=mask.dtype, device=device)], 1)
         with autocast(device, bf16):
             res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
                         **cache_kw(cache), use_cache=True)

@@ -99,6 +99,15 @@ def cache_rows(cache, start: int, stop: int):
     return out
 
 
+def select_rows(cache, index: torch.Tensor):
+    """Keep (and repeat) the rows of ``cache`` that ``index`` picks, in place, every layer copied once;
+    returns ``cache``."""
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    return cache
+
+
 def broadcast(cache, rows: int):
     """A new DynamicCache with the one row of ``cache`` seen by ``rows`` rows (expanded, not copied;
     gradients from every row sum back into the one copy)."""
@@ -109,6 +118,65 @@ def broadcast(cache, rows: int):
         k, v = layer.keys, layer.values
         out.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), i)
     return out
+
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers releases before the layered caches
+    DynamicLayer = None
+
+if DynamicLayer is not None:
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` that appends into spare room of a buffer (doubling it when full) instead
+        of concatenating: a decode step copies its one new position, not the whole cache. ``keys`` and
+        ``values`` stay views of the filled part, so cropping, reading and masking work as before."""
+
+        def reserve(self, room: int) -> None:
+            """Make room for ``room`` more positions after the filled part (one copy of the cache)."""
+            k, v = self.keys, self.values
+            n = k.shape[-2]
+            kb = k.new_empty(*k.shape[:-2], n + room, k.shape[-1])
+            vb = v.new_empty(*v.shape[:-2], n + room, v.shape[-1])
+            kb[..., :n, :] = k
+            vb[..., :n, :] = v
+            self._kbuf, self._vbuf = kb, vb
+            self.keys, self.values = kb[..., :n, :], vb[..., :n, :]
+
+        def _fits(self, k_new: torch.Tensor, need: int) -> bool:
+            buf, k = getattr(self, "_kbuf", None), self.keys
+            return (buf is not None and k.data_ptr() == buf.data_ptr() and k.stride() == buf.stride()
+                    and k.shape[:-2] == k_new.shape[:-2] and buf.shape[-2] >= need)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+            n0 = self.keys.shape[-2]
+            n = n0 + key_states.shape[-2]
+            if not self._fits(key_states, n):  # no buffer yet, full, or keys replaced (reorder, select)
+                self.reserve(max(n - n0, n0))
+            self._kbuf[..., n0:n, :] = key_states
+            self._vbuf[..., n0:n, :] = value_states
+            self.keys, self.values = self._kbuf[..., :n, :], self._vbuf[..., :n, :]
+            return self.keys, self.values
+
+
+def grow_in_place(cache, room: int):
+    """Turn ``cache``'s plain dynamic layers into ones that append in place, with ``room`` positions
+    reserved (for a decode loop of that many steps). Other layer kinds (sliding windows) and caches
+    of transformers releases without layers are left as they are. Returns ``cache``."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or layers is None:
+        return cache
+    for i, layer in enumerate(layers):
+        if isinstance(layer, GrowingLayer):
+            layer.reserve(room)
+        elif type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            grown = GrowingLayer()
+            grown.__dict__.update(layer.__dict__)
+            grown.reserve(room)
+            layers[i] = grown
+    return cache
 
 
 def rewind(cache, length: int) -> None:

@@ -77,7 +77,7 @@ def sentence_queries(chunk: str) -> list[tuple[str, str]]:
 
 
 def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max_new_tokens: int, bf16: bool,
-            progress: bool, desc: str, batch_size: int = 16, share_prefix: bool = True) -> list[tuple[int, str, str]]:
+            progress: bool, desc: str, batch_size: int = 96, share_prefix: bool = True) -> list[tuple[int, str, str]]:
     from tqdm.auto import tqdm
 
     from softprompt.encoding import PromptFormat
@@ -89,9 +89,15 @@ def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max
     for ci, t in asks:
         body = pieces[ci] if t != "comparison" or len(pieces) == 1 else f"{pieces[ci]}\n\n{pieces[(ci + 1) % len(pieces)]}"
         texts.append(f"{body}\n\n{TYPES[t]}")
-    # Batches never straddle two chunks, so each batch's chat header and chunk run once (share_prefix).
+    # Batches never straddle two chunks, so each batch's chat header and chunk run once (share_prefix),
+    # and a chunk's asks are split into batches of equal size; the asks of one type are the same text,
+    # which then runs once for all of them.
     starts = [i for i in range(len(asks)) if i == 0 or asks[i][0] != asks[i - 1][0]] + [len(asks)]
-    batches = [(i, min(i + batch_size, hi)) for lo, hi in zip(starts, starts[1:]) for i in range(lo, hi, batch_size)]
+    batches = []
+    for lo, hi in zip(starts, starts[1:]):
+        k = -(-(hi - lo) // batch_size)
+        cuts = [lo + (hi - lo) * j // k for j in range(k + 1)]
+        batches += list(zip(cuts, cuts[1:]))
     outs: list[str] = []
     for i, j in tqdm(batches, desc=desc, disable=not progress, leave=False):
         outs += generate(base, None, fmt, texts[i:j], SamplingParams(max_new_tokens, temperature=1.0, top_p=0.95, seed=seed + i),

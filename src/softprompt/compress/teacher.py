@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from softprompt.atomic import atomic_save_tensors
 from softprompt.base_model import BaseModel
 from softprompt.hf_cache import cache_kw, cache_of
-from softprompt.kv_prefix import after_prefix, extends, kv_cache, layer_kv, rewind
+from softprompt.kv_prefix import after_prefix, extends, grow_in_place, kv_cache, layer_kv, rewind
 from softprompt.precision import autocast
 
 
@@ -171,6 +171,7 @@ class Teacher:
         last = out.logits[torch.arange(n), torch.tensor(lens, device=dev) - 1].float()
         conts: list[list[int]] = [[] for _ in rows]
         done = [False] * n
+        grow_in_place(cache_of(out), max_new_tokens)  # decode steps append in place, no copy of the cache
         next_pos = torch.tensor([len(r) for r in rows], device=dev)
         for step in range(max_new_tokens):
             nxt = last.argmax(-1)
