@@ -259,6 +259,10 @@ def test_report_numbers_are_recomputed_independently(tiny, tmp_path):
     assert c["soft"]["kv_bytes"] == pytest.approx(per_token * c["soft"]["prompt_tokens"])
     md = (tmp_path / "p" / "compression_report.md").read_text()
     assert "truncated context" in md and "no context" in md
+    t = rep["time"]  # the parts of a compression add up, and the report comes after the saved prompt
+    assert 0 < t["queries_s"] + t["teacher_s"] + t["train_s"] <= t["compress_s"] < t["total_s"]
+    assert t["compress_s"] + t["report_s"] == pytest.approx(t["total_s"], abs=0.05)
+    assert f"Compressed in {t['compress_s']:.0f} s" in md
 
 
 def test_compressed_prompt_loads_and_generates_through_the_ordinary_paths(tiny, tiny_dir, tmp_path, capsys):
@@ -483,7 +487,7 @@ def test_self_study_yields_distinct_queries_from_every_chunk(tiny):
     assert len(set(keys)) == len(keys)  # distinct, and held-out disjoint from training
     assert {q.meta["chunk"] for q in train} == set(range(len(pieces)))
     assert {q.meta["chunk"] for q in held} >= set(range(min(6, len(pieces))))
-    assert {q.meta["seed"] for q in train}.isdisjoint({q.meta["seed"] for q in held})
+    assert {q.meta["set"] for q in train} == {"train"} and {q.meta["set"] for q in held} == {"heldout"}
     assert all(q.meta["type"] in TYPES for q in train)
     generated = [q for q in train if q.meta["origin"] == "self-study"]
     assert {q.meta["type"] for q in generated} == set(TYPES)  # every type, not the first few filling each chunk's quota
@@ -664,3 +668,51 @@ def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
         assert model is not tiny.model and {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear} == {torch.bfloat16}
     assert model.config._attn_implementation == EAGER_OR_SDPA
     assert tiny.model.config._attn_implementation != EAGER_OR_SDPA  # the shared base is left alone
+
+
+def test_training_batches_hold_similar_lengths(tiny, tmp_path, monkeypatch):
+    """Bucketed batches (the default) pad far less than random ones and still use every query once an epoch."""
+    qs = [Query(("Tell me " + "more " * (3 * i)).strip() + f" about item {i}?") for i in range(16)]
+    padded, used = {}, {}
+    for bucket in (True, False):
+        job = Compressor(CONTEXT, _cfg(steps=4, batch_size=4, bucket=bucket, eval_every=100, patience=0, heldout=0.0),
+                         qs, tmp_path / str(bucket), base=tiny, progress=False, heldout_queries=[Query("Who built it?")])
+        job.split()
+        entries, _ = job.teacher_entries("train", job.fit_q)
+        pads, seen, orig = [], [], job._batch
+
+        def batch(es, orig=orig, pads=pads, seen=seen):
+            b = orig(es)
+            pads.append(int((b[0]["attention_mask"] == 0).sum()))
+            seen.extend(e.query for e in es)
+            return b
+
+        monkeypatch.setattr(job, "_batch", batch)
+        job.train(entries)
+        padded[bucket], used[bucket] = sum(pads), seen
+        assert sorted(seen) == sorted(e.query for e in entries)  # 4 steps x 4 = one epoch of 16
+    assert padded[True] * 3 < padded[False]
+
+
+def test_held_out_queries_are_asked_in_the_training_batches(tiny, monkeypatch):
+    """Self-study runs each chunk once per round for both sets: the held-out asks share the chunk's batch."""
+    import itertools
+
+    import softprompt.generate as gen
+    from softprompt.compress.selfstudy import chunks, self_study
+
+    counter, calls = itertools.count(), []
+
+    def fake(base, prompt, fmt, texts, params, **kw):  # every sample usable and new: one round
+        calls.append(len(texts))
+        return [f"What does rule number {next(counter)} say?\nmore" for _ in texts]
+
+    monkeypatch.setattr(gen, "generate", fake)
+    pieces = chunks(tiny.tokenizer, LONG, 40)
+    train, held = self_study(tiny, tiny.tokenizer, LONG, n_train=30, n_heldout=6, seed=0, chunk_tokens=40, progress=False)
+    assert len(train) == 30 and len(held) == 6
+    assert len(calls) == len(pieces)  # one batch per chunk, not one per chunk and set
+    with_held = sum(calls)
+    calls.clear()
+    self_study(tiny, tiny.tokenizer, LONG, n_train=30, n_heldout=0, seed=0, chunk_tokens=40, progress=False)
+    assert len(calls) == len(pieces) and sum(calls) < with_held

@@ -21,7 +21,7 @@ def register(sub) -> None:
                                      "default: generated from the model and generic probes")
     p.add_argument("--n-queries", type=int, default=256, help="self-study training queries to generate when --queries is "
                                                               "not given (or with --mix-queries); default 256")
-    p.add_argument("--n-heldout", type=int, default=24, help="held-out queries to generate (another seed); default 24")
+    p.add_argument("--n-heldout", type=int, default=24, help="held-out queries to generate (other samples, in the training batches); default 24")
     p.add_argument("--mix-queries", action="store_true", help="with --queries: add generated self-study queries")
     p.add_argument("--chunk-tokens", type=int, default=128, help="self-study chunk length in tokens (default 128)")
     p.add_argument("--heldout", type=float, default=0.2, help="share of queries held out for the report (default 0.2)")
@@ -63,6 +63,8 @@ def register(sub) -> None:
     o.add_argument("--loss-positions", choices=["all", "continuation"], default="all",
                    help="distill at every position after the context (default) or only along the continuation")
     o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--no-bucket", dest="bucket", action="store_false",
+                   help="batches drawn at random (default: batches of similar lengths, less padding)")
     o.add_argument("--lr", type=float, default=None, help="learning rate (default 0.03 for prompt tuning, 0.005 for --kind prefix)")
     o.add_argument("--seed", type=int, default=0)
     p.add_argument("--compressor", help="a trained compressor (softprompt compressor train): one forward instead of "
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     queries = read_queries(args.queries) if args.queries else None
     cfg = CompressConfig(model=args.model, teacher=args.teacher, tokens=args.tokens, placement=args.placement,
                          template=args.template, chat=args.chat, objective=args.objective, temperature=args.temperature, mode_weight=args.mode_weight,
-                         topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         topk=args.topk, init=args.init, steps=args.steps, batch_size=args.batch_size, bucket=args.bucket, lr=args.lr,
                          max_new_tokens=args.max_new_tokens, sample_temperature=args.sample, n_queries=args.n_queries,
                          heldout=args.heldout, seed=args.seed, precision=args.precision, device=args.device, cache_dir=args.cache_dir,
                          kind=args.kind, positions=args.positions, freeze_first=args.freeze_first, loss_positions=args.loss_positions,

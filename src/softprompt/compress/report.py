@@ -205,6 +205,10 @@ def format_markdown(report: dict) -> str:
              "## Cost", "", _md_table(chead, crows), "",
              f"KV cache {c['kv_ratio']:.1f}x smaller, time to first token {c['ttft_speedup']:.2f}x faster with the soft prompt "
              f"(device {c['device']}, {'bf16' if c['bf16'] else 'fp32'}; timings on a shared machine are noisy).", ""]
+    t = report.get("time") or {}
+    if "compress_s" in t:
+        lines += [f"Compressed in {t['compress_s']:.0f} s (queries {t['queries_s']:.0f} s, teacher {t['teacher_s']:.0f} s, "
+                  f"training {t['train_s']:.0f} s); this report took {t['report_s']:.0f} s more.", ""]
     if report.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     if report.get("examples"):

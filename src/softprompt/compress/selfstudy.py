@@ -9,8 +9,9 @@ first-person message a user of an assistant that follows the text would send (a 
 system prompt or a document in a chat, and its held-out use is such messages).
 Samples are reduced to their first usable line and deduplicated (case, spacing and punctuation
 ignored). When the model's samples for a chunk run short, questions built from the chunk's own
-sentences fill up, so every chunk contributes. Held-out queries come from an independent run with
-another seed, deduplicated against the training queries and taken round-robin over the chunks.
+sentences fill up, so every chunk contributes. Held-out queries are asked for in the same batches as
+the training ones (their own samples: the chunk runs once for both), deduplicated against the
+training queries and taken round-robin over the chunks.
 The teacher later answers every query given the *whole* context.
 """
 from __future__ import annotations
@@ -105,41 +106,54 @@ def _sample(base, pieces: list[str], asks: list[tuple[int, str]], seed: int, max
     return [(ci, t, clean(o)) for (ci, t), o in zip(asks, outs)]
 
 
-def _collect(base, tokenizer, pieces, n: int, seed: int, bf16: bool, progress: bool, desc: str, seen: set[str],
-             max_new_tokens: int = 32, rounds: int = 3, share_prefix: bool = True) -> list[Query]:
+def _collect(base, tokenizer, pieces, targets: list[tuple[str, int]], seed: int, bf16: bool, progress: bool, desc: str,
+             seen: set[str], max_new_tokens: int = 32, rounds: int = 3, share_prefix: bool = True) -> dict[str, list[Query]]:
+    """Queries for each ``(set name, count)`` in ``targets``. Every round, all sets' asks for a chunk
+    run in the same batch (one prefill of the chunk, one decode loop), each ask its own draw and its
+    own set's. Samples are kept in ask order while their query is new, so no query is in two sets."""
     from softprompt.compress.queries import query_key
 
-    per_chunk = -(-n // len(pieces))
     kinds = list(TYPES)
-    got: dict[int, list[Query]] = {i: [] for i in range(len(pieces))}
+    quota = {name: -(-n // len(pieces)) for name, n in targets}
+    got = {name: {i: [] for i in range(len(pieces))} for name, _ in targets}
     for r in range(rounds):
-        short = [i for i in got if len(got[i]) < per_chunk]
-        if not short:
+        asks, owners = [], []
+        for ci in range(len(pieces)):  # a chunk's asks together: batches never straddle two chunks
+            for name, _ in targets:
+                short = quota[name] - len(got[name][ci])
+                if short <= 0:
+                    continue
+                per = max(1, -(-(short * 3) // (2 * len(kinds))))
+                # Types interleaved, each chunk starting at another one: every type gets into the quotas.
+                asks += [(ci, kinds[(ci + j) % len(kinds)]) for _ in range(per) for j in range(len(kinds))]
+                owners += [name] * (per * len(kinds))
+        if not asks:
             break
-        per = max(1, -(-(per_chunk - min(len(got[i]) for i in short)) * 3 // (2 * len(TYPES))))
-        # Types interleaved, each chunk starting at another one: every type gets into the quotas.
-        asks = [(ci, kinds[(ci + j) % len(kinds)]) for ci in short for _ in range(per) for j in range(len(kinds))]
-        for ci, t, q in _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress, f"{desc} (round {r + 1})",
-                                share_prefix=share_prefix):
+        for name, (ci, t, q) in zip(owners, _sample(base, pieces, asks, seed + 1000 * r, max_new_tokens, bf16, progress,
+                                                    f"{desc} (round {r + 1})", share_prefix=share_prefix)):
             k = query_key(q)
-            if q and k not in seen and len(got[ci]) < per_chunk:
+            if q and k not in seen and len(got[name][ci]) < quota[name]:
                 seen.add(k)
-                got[ci].append(Query(q, meta={"origin": "self-study", "type": t, "chunk": ci, "seed": seed}))
-    for ci, qs in got.items():  # fill up from the chunk's own sentences
-        for t, q in sentence_queries(pieces[ci]):
-            if len(qs) >= per_chunk:
-                break
-            k = query_key(q)
-            if k not in seen:
-                seen.add(k)
-                qs.append(Query(q, meta={"origin": "sentence", "type": t, "chunk": ci, "seed": seed}))
-    out: list[Query] = []
-    i = 0
-    while len(out) < n and any(got.values()):  # round-robin over the chunks
-        ci = i % len(pieces)
-        if got[ci]:
-            out.append(got[ci].pop(0))
-        i += 1
+                got[name][ci].append(Query(q, meta={"origin": "self-study", "type": t, "chunk": ci, "seed": seed,
+                                                    "set": name}))
+    out: dict[str, list[Query]] = {}
+    for name, n in targets:
+        for ci, qs in got[name].items():  # fill up from the chunk's own sentences
+            for t, q in sentence_queries(pieces[ci]):
+                if len(qs) >= quota[name]:
+                    break
+                k = query_key(q)
+                if k not in seen:
+                    seen.add(k)
+                    qs.append(Query(q, meta={"origin": "sentence", "type": t, "chunk": ci, "seed": seed, "set": name}))
+        picked: list[Query] = []
+        i = 0
+        while len(picked) < n and any(got[name].values()):  # round-robin over the chunks
+            ci = i % len(pieces)
+            if got[name][ci]:
+                picked.append(got[name][ci].pop(0))
+            i += 1
+        out[name] = picked
     return out
 
 
@@ -147,16 +161,14 @@ def self_study(base, tokenizer, context: str, n_train: int = 256, n_heldout: int
                chunk_tokens: int = 128, bf16: bool = False, progress: bool = True,
                exclude: list[str] = (), max_new_tokens: int = 32,
                share_prefix: bool = True) -> tuple[list[Query], list[Query]]:
-    """``n_train`` distinct training queries and ``n_heldout`` held-out ones (another seed, none equal
+    """``n_train`` distinct training queries and ``n_heldout`` held-out ones (other samples, none equal
     to a training query) generated from ``context``. ``share_prefix`` (default) runs each batch's chat
     header and chunk once for all its asks; off, every ask runs its whole text."""
     from softprompt.compress.queries import query_key
 
     pieces = chunks(tokenizer, context, chunk_tokens)
     seen = {query_key(t) for t in exclude}
-    train = _collect(base, tokenizer, pieces, n_train, seed, bf16, progress, "self-study queries", seen, max_new_tokens,
-                     share_prefix=share_prefix)
-    held = (_collect(base, tokenizer, pieces, n_heldout, seed + 7919, bf16, progress, "held-out queries", seen, max_new_tokens,
-                     share_prefix=share_prefix)
-            if n_heldout else [])
-    return train, held
+    targets = [("train", n_train)] + ([("heldout", n_heldout)] if n_heldout else [])
+    got = _collect(base, tokenizer, pieces, targets, seed, bf16, progress, "self-study queries", seen, max_new_tokens,
+                   share_prefix=share_prefix)
+    return got["train"], got.get("heldout", [])
