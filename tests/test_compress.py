@@ -673,7 +673,7 @@ def test_the_students_shortcuts_are_exact(tiny, tmp_path, kind):
 def test_training_batches_hold_similar_lengths(tiny, tmp_path, monkeypatch):
     """Bucketed batches (the default) pad far less than random ones and still use every query once an epoch."""
     qs = [Query(("Tell me " + "more " * (3 * i)).strip() + f" about item {i}?") for i in range(16)]
-    padded, used = {}, {}
+    padded = {}
     for bucket in (True, False):
         job = Compressor(CONTEXT, _cfg(steps=4, batch_size=4, bucket=bucket, eval_every=100, patience=0, heldout=0.0),
                          qs, tmp_path / str(bucket), base=tiny, progress=False, heldout_queries=[Query("Who built it?")])
@@ -689,7 +689,7 @@ def test_training_batches_hold_similar_lengths(tiny, tmp_path, monkeypatch):
 
         monkeypatch.setattr(job, "_batch", batch)
         job.train(entries)
-        padded[bucket], used[bucket] = sum(pads), seen
+        padded[bucket] = sum(pads)
         assert sorted(seen) == sorted(e.query for e in entries)  # 4 steps x 4 = one epoch of 16
     assert padded[True] * 3 < padded[False]
 
